@@ -1,0 +1,100 @@
+"""Training losses of TagCLIP (paper Eq. 9-11, DESIGN §6), kept outside the model as in DETR.
+
+L = alpha * focal(M_R, G_R) + beta * dice(M_R, G_R) + gamma * L_A, {alpha, beta, gamma} = {20, 1, 10},
+optionally repeated for every earlier decoder layer (deep supervision, off by default).
+Label-255 pixels (VOC background, masked unseen pixels, crop padding) are negatives for every class
+map by default (the authors' code); `ignore_mode='exclude'` drops them from every term instead.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+def sigmoid_focal(logits, target, valid, alpha: float = 0.25, gamma: float = 2.0):
+    """Sigmoid focal loss, mean over the valid pixels of each map. logits/target/valid (M, P) -> (M,)."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction='none')
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = (alpha * target + (1 - alpha) * (1 - target)) * ce * (1 - p_t) ** gamma
+    return (loss * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def dice(logits, target, valid):
+    """1 - (2 sum(p g) + 1) / (sum p + sum g + 1) on sigmoid maps over valid pixels. (M, P) -> (M,)."""
+    p = logits.sigmoid() * valid
+    return 1 - (2 * (p * target).sum(-1) + 1) / (p.sum(-1) + (target * valid).sum(-1) + 1)
+
+
+class SetCriterion(nn.Module):
+    """Named loss terms for TagCLIP's mask logits.
+
+    trusty_loss: 'focal' (authors' code: M_A predicts *unseen*, target 1 on unseen pixels) or
+                 'dice' (paper Eq. 10: M_A predicts *seen*, G_A of Eq. 9).
+    ignore_mode: 'negative' (default) or 'exclude' for label-255 pixels.
+    """
+
+    def __init__(self, trusty: bool = True, trusty_loss: str = 'focal', ignore_mode: str = 'negative',
+                 aux_loss: bool = False, weight_focal: float = 20.0, weight_dice: float = 1.0,
+                 weight_trusty: float = 10.0):
+        super().__init__()
+        assert trusty_loss in ('focal', 'dice') and ignore_mode in ('negative', 'exclude')
+        self.trusty, self.trusty_loss, self.ignore_mode, self.aux_loss = trusty, trusty_loss, ignore_mode, aux_loss
+        self.weight_dict = {'loss_focal': weight_focal, 'loss_dice': weight_dice, 'loss_trusty': weight_trusty}
+
+    @property
+    def polarity(self) -> str:
+        """What sigmoid(M_A) predicts; stored in checkpoints so inference reads A the right way."""
+        return 'unseen' if self.trusty_loss == 'focal' else 'seen'
+
+    def forward(self, outputs, label, unseen=None):
+        """outputs: the model's dict; label (B, H, W) in vocabulary indices with unseen/ignored
+        pixels = 255; unseen (B, H, W) bool: pixels of unseen classes (from the unmasked label)."""
+        B, H, W = label.shape
+        C = outputs['pred_masks'].shape[1] - int(self.trusty)
+        valid = label != IGNORE                                              # (B, H, W)
+        classes = torch.arange(C, device=label.device).view(1, C, 1, 1)
+        target = (label.unsqueeze(1) == classes).flatten(2).float()          # (B, C, HW) one-hot G_R
+        present = target.sum(-1) > 0                                         # (B, C)
+        num_masks = self.num_masks(present)
+
+        if self.ignore_mode == 'exclude':
+            valid_px = valid.flatten(1).float()                              # (B, HW)
+            if self.trusty:                                                  # unseen pixels are G_A = 0 data
+                trusty_valid = (valid | unseen).flatten(1).float()
+        else:
+            valid_px = trusty_valid = torch.ones(B, H * W, device=label.device)
+        if self.trusty:
+            is_unseen = unseen.flatten(1).float()                            # (B, HW)
+            trusty_target = is_unseen if self.trusty_loss == 'focal' else 1 - is_unseen  # Eq. 9
+
+        layers = [('', outputs['pred_masks'])]
+        if self.aux_loss:  # deep supervision: the same terms for decoder layers 1..L-1
+            layers += [(f'_{i}', m) for i, m in enumerate(outputs['aux_masks'])]
+        losses, total = {}, 0.0
+        for suffix, logits in layers:
+            logits = F.interpolate(logits.float(), size=(H, W), mode='bilinear', align_corners=False)
+            M_R = logits[:, :C].flatten(2)                                   # (B, C, HW)
+            v = valid_px.unsqueeze(1).expand_as(M_R)
+            terms = {'loss_focal': sigmoid_focal(M_R, target, v).sum() / num_masks,
+                     'loss_dice': (dice(M_R, target, v) * present).sum() / num_masks}
+            if self.trusty:
+                M_A = logits[:, C].flatten(1)                                # (B, HW)
+                term = sigmoid_focal if self.trusty_loss == 'focal' else dice  # Eq. 10 for 'dice'
+                terms['loss_trusty'] = term(M_A, trusty_target, trusty_valid).sum() / num_masks
+            total = total + sum(self.weight_dict[k] * v for k, v in terms.items())  # Eq. 11
+            losses.update({k + suffix: v for k, v in terms.items()})
+        losses['loss'] = total
+        return losses
+
+    @staticmethod
+    def num_masks(present):
+        """(image, present class) pairs, averaged over ranks, at least 1 (DETR/MaskFormer)."""
+        n = present.sum().float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return n.clamp(min=1)

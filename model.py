@@ -1,0 +1,267 @@
+"""TagCLIP: a frozen CLIP with deep visual prompts, a trusty token and an ATM segmentor.
+
+Paper: "TagCLIP: Improving Discrimination Ability of Open-Vocabulary Semantic Segmentation"
+(arXiv 2304.07547). The contract we follow is DESIGN.md; this file implements
+  - the frozen CLIP text encoder with prompt templates (DESIGN §1),
+  - the frozen CLIP ViT with deep visual prompt tuning (§2),
+  - the trusty token t_A and the relationship descriptor, Eq. 4 (§3),
+  - the Trusty Learner, Eq. 5 (§4),
+  - the Attention-to-Mask (ATM) segmentor, Eq. 6-8 (§5),
+  - the inference scores of Eq. 12 (§7): `trusty_scores`.
+Shapes: B images, C classes, N = (H/p)(W/p) patches, D visual width, d joint (text/image) width.
+"""
+
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# the tiny CLIP of the offline toy world (toy.py) is an ordinary open_clip config: 'toy_clip'
+if Path(__file__).with_name('toy_clip.json').exists():
+    open_clip.add_model_config(Path(__file__).with_name('toy_clip.json'))
+
+# DESIGN §1: VOC and the toy world embed one template; COCO-Stuff and Context a 15-template ensemble.
+TEMPLATES = {
+    'single': ('a photo of a {}',),
+    'ensemble': (
+        'a photo of a {}.', 'a photo of a small {}.', 'a photo of a medium {}.', 'a photo of a large {}.',
+        'This is a photo of a {}.', 'This is a photo of a small {}.', 'This is a photo of a medium {}.',
+        'This is a photo of a large {}.', 'a {} in the scene.', 'a photo of a {} in the scene.',
+        'There is a {} in the scene.', 'There is the {} in the scene.', 'This is a {} in the scene.',
+        'This is the {} in the scene.', 'This is one {} in the scene.'),
+}
+
+
+@dataclass
+class TagCLIPConfig:
+    clip_model: str = 'ViT-B-16'        # any open_clip ViT name ('toy_clip' for the toy world)
+    pretrained: str | None = 'openai'   # open_clip tag, a local checkpoint file, or None (random init)
+    n_prompts: int = 10                 # deep visual prompts per layer (100 for COCO-Stuff)
+    decoder_layers: int = 3             # ATM layers
+    heads: int = 8
+    trusty: bool = True                 # trusty token t_A; False = ZegCLIP (no token, no self-attention)
+    trusty_learner: bool = True         # self-attention across the C+1 queries (Eq. 5); needs trusty
+    prompt_dropout: float = 0.1
+    templates: str = 'single'           # 'single' or 'ensemble' (DESIGN §1)
+
+
+def load_clip(name: str, pretrained: str | None) -> nn.Module:
+    """An open_clip model from a tag ('openai'), a local open_clip checkpoint, the OpenAI
+    TorchScript file (e.g. ViT-B-16.pt, as the official repos use), or None (random weights)."""
+    if pretrained and os.path.isfile(pretrained) and _is_torchscript(pretrained):
+        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)  # OpenAI uses QuickGELU
+        state = torch.jit.load(pretrained, map_location='cpu').state_dict()
+        expected = clip.state_dict()  # drops TorchScript extras (input_resolution, attn_mask, ...)
+        clip.load_state_dict({k: v for k, v in state.items() if k in expected})
+        return clip
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None)
+    except RuntimeError as e:
+        raise RuntimeError(f"could not load CLIP '{name}' with weights '{pretrained}': {e} "
+                           f"(offline? pass a local file, e.g. --pretrained ViT-B-16.pt)") from None
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith('constants.pkl') for n in z.namelist())
+
+
+class TrustyLearner(nn.Module):
+    """Eq. 5: T~ = Norm(MHSA(T^) + T^). Self-attention across the C class queries and the trusty
+    token, so t_A sees every class and its relation to the image (DESIGN §4)."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, q):  # (B, C+1, d)
+        return self.norm(q + self.dropout(self.attn(q, q, q, need_weights=False)[0]))
+
+
+class ATMLayer(nn.Module):
+    """Attention-to-Mask layer (SegViT; Eq. 6-8): cross-attention from the queries to the patch
+    features E. Its head-averaged pre-softmax logits Q K^T / sqrt(d/heads) are the mask logits."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
+
+    def forward(self, q, E):  # q (B, Q, d) queries, E (B, N, d) patch features
+        B, Q, d = q.shape
+        N, h = E.shape[1], self.heads
+        qh = self.q_proj(q).view(B, Q, h, d // h).transpose(1, 2)  # (B, h, Q, d/h)     Eq. 6
+        kh = self.k_proj(E).view(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
+        vh = self.v_proj(E).view(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
+        logits = qh @ kh.transpose(-2, -1) / math.sqrt(d // h)     # (B, h, Q, N)       Eq. 7
+        x = self.attn_dropout(logits.softmax(-1)) @ vh             # (B, h, Q, d/h)
+        x = self.out_proj(x.transpose(1, 2).reshape(B, Q, d))      # (B, Q, d)
+        q = self.norm1(q + self.dropout1(x))
+        q = self.norm2(q + self.dropout2(self.ffn(q)))
+        return q, logits.mean(1)                                   # (B, Q, d), (B, Q, N) mask logits
+
+
+class TagCLIP(nn.Module):
+    def __init__(self, cfg: TagCLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = load_clip(cfg.clip_model, cfg.pretrained).requires_grad_(False).eval()
+        self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)
+        visual = self.clip.visual
+        if getattr(visual, 'attn_pool', None) is not None or not hasattr(visual, 'conv1'):
+            raise ValueError(f"{cfg.clip_model}: only open_clip ViTs with a [CLS] token are supported")
+        D = visual.conv1.out_channels
+        L = len(visual.transformer.resblocks)
+        d = visual.proj.shape[1] if visual.proj is not None else D
+        self.patch_size = visual.conv1.kernel_size[0]
+
+        # §2 deep visual prompts: one set per layer, a shared projection, dropout, a final LayerNorm
+        v = math.sqrt(6.0 / (3 * self.patch_size ** 2 + D))  # §11: uniform(-v, v)
+        self.prompts = nn.Parameter(torch.empty(L, cfg.n_prompts, D).uniform_(-v, v))  # (L, P, D)
+        self.prompt_proj = nn.Linear(D, D)
+        nn.init.kaiming_normal_(self.prompt_proj.weight, mode='fan_out')
+        nn.init.zeros_(self.prompt_proj.bias)
+        self.prompt_dropout = nn.Dropout(cfg.prompt_dropout)
+        self.prompt_norm = nn.LayerNorm(D, eps=1e-6)
+
+        # §3-5 decoder: trusty token, relationship descriptor, Trusty Learner, ATM layers
+        self.trusty_token = nn.Parameter(torch.empty(1, d)) if cfg.trusty else None  # t_A, (1, d)
+        self.descriptor = nn.Linear(2 * d, d)  # Eq. 4
+        self.trusty_learner = TrustyLearner(d, cfg.heads) if cfg.trusty and cfg.trusty_learner else None
+        self.decoder = nn.ModuleList(ATMLayer(d, cfg.heads) for _ in range(cfg.decoder_layers))
+        for p in self.decoder_parameters():  # §11: Xavier-uniform on every >1-dim decoder parameter
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.descriptor.bias)
+
+    def decoder_parameters(self):
+        mods = [self.descriptor, self.trusty_learner, self.decoder]
+        yield from ([self.trusty_token] if self.trusty_token is not None else [])
+        yield from (p for m in mods if m is not None for p in m.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen CLIP stays in eval mode while the rest trains
+        return self
+
+    @property
+    def mean(self):
+        return tuple(getattr(self.clip.visual, 'image_mean', None) or open_clip.OPENAI_DATASET_MEAN)
+
+    @property
+    def std(self):
+        return tuple(getattr(self.clip.visual, 'image_std', None) or open_clip.OPENAI_DATASET_STD)
+
+    @torch.no_grad()
+    def encode_text(self, class_names, chunk: int = 1024):
+        """§1: frozen CLIP text embeddings T, (C, d), L2-normalised, template ensemble averaged."""
+        templates = TEMPLATES[self.cfg.templates]
+        device = self.prompts.device
+        prompts = [t.format(c) for c in class_names for t in templates]
+        emb = torch.cat([self.clip.encode_text(self.tokenizer(prompts[i:i + chunk]).to(device), normalize=True)
+                         for i in range(0, len(prompts), chunk)])  # (C*T, d)
+        emb = emb.view(len(class_names), len(templates), -1).mean(1)  # (C, d)
+        return F.normalize(emb.float(), dim=-1)
+
+    def positional_embedding(self, gh: int, gw: int):
+        """§11: the pretrained [CLS] + grid positions, the grid interpolated bilinearly to gh x gw."""
+        pos = self.clip.visual.positional_embedding  # (1 + g*g, D)
+        g = int(math.sqrt(pos.shape[0] - 1))
+        if (gh, gw) == (g, g):
+            return pos
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid, size=(gh, gw), mode='bilinear', align_corners=False)
+        return torch.cat([pos[:1], grid.flatten(2)[0].T])  # (1 + gh*gw, D)
+
+    def encode_image(self, images):
+        """§2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised."""
+        v = self.clip.visual
+        x = v.conv1(images)                      # (B, D, H/p, W/p)
+        B, D, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)         # (B, N, D)
+        x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
+        x = v.ln_pre(x + self.positional_embedding(gh, gw).to(x.dtype))
+        P = self.prompts.shape[1]
+        prompts = self.prompt_proj(self.prompts).to(x.dtype)  # (L, P, D)
+        batch_first = getattr(v.transformer, 'batch_first', True)
+        for i, block in enumerate(v.transformer.resblocks):
+            # before every layer: drop the previous layer's prompt outputs, insert fresh prompts
+            rest = x[:, 1:] if i == 0 else x[:, 1 + P:]
+            x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, P, D)), rest], 1)  # (B, 1+P+N, D)
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        x = torch.cat([x[:, :1], x[:, 1 + P:]], 1)  # (B, 1+N, D)
+        x = v.ln_post(self.prompt_norm(x))
+        if v.proj is not None:
+            x = x @ v.proj                           # (B, 1+N, d)
+        x = F.normalize(x, dim=-1)
+        return x[:, 0], x[:, 1:], (gh, gw)
+
+    def forward(self, images, text):
+        """images (B, 3, H, W), H and W divisible by p; text (C, d) from `encode_text`.
+        Returns {'pred_masks': (B, C[+1], H/p, W/p) logits, 'aux_masks': [earlier layers' logits]};
+        channel C (last) is the trusty map logit M_A when the trusty token is on."""
+        h, E, (gh, gw) = self.encode_image(images)     # (B, d), (B, N, d)
+        B = h.shape[0]
+        t = text.to(h.dtype)
+        if self.trusty_token is not None:
+            t = torch.cat([t, self.trusty_token.to(h.dtype)])  # T' = [t_1..t_C, t_A], (C+1, d)
+        t = t.unsqueeze(0).expand(B, -1, -1)                   # (B, C+1, d)
+        q = self.descriptor(torch.cat([t * h.unsqueeze(1), t], -1))  # Eq. 4: relationship descriptor
+        if self.trusty_learner is not None:
+            q = self.trusty_learner(q)                          # Eq. 5
+        masks = []
+        for layer in self.decoder:                              # Eq. 6-8
+            q, m = layer(q, E)                                  # m: (B, C+1, N)
+            masks.append(m.view(B, -1, gh, gw))
+        return {'pred_masks': masks[-1], 'aux_masks': masks[:-1]}
+
+    def trainable_state_dict(self):
+        """Only what training changes: prompts, prompt projection/norm and the decoder."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith('clip.')}
+
+    def load_trainable_state_dict(self, state):
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith('clip.')]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def param_groups(self, lr: float, weight_decay: float, exempt_norms: bool = False):
+        """DESIGN §8. Default: one group, every trainable parameter at lr and weight_decay (what the
+        authors' configs actually ran). exempt_norms: norms, biases, prompts and t_A get no decay."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not exempt_norms:
+            return [{'params': [p for _, p in params], 'lr': lr, 'weight_decay': weight_decay}]
+        no_decay = lambda n, p: p.dim() < 2 or 'norm' in n or n in ('prompts', 'trusty_token')
+        return [{'params': [p for n, p in params if not no_decay(n, p)], 'lr': lr, 'weight_decay': weight_decay},
+                {'params': [p for n, p in params if no_decay(n, p)], 'lr': lr, 'weight_decay': 0.0}]
+
+
+def trusty_scores(mask_logits, seen, calibration: float = 0.1, trusty_weighting: bool = True,
+                  polarity: str = 'unseen'):
+    """Eq. 12 (as DESIGN §7 reads it) on upsampled logits. mask_logits (B, C[+1], H, W), seen (C,) bool.
+    S = sigmoid(M_R); S[seen] -= calibration; with a trusty channel and weighting on, A = P(seen) and
+    S[seen] *= A, S[unseen] *= 1 - A. polarity: what sigmoid(M_A) predicts ('unseen': authors' focal
+    variant, A = 1 - sigmoid(M_A); 'seen': the paper's dice variant). Returns (B, C, H, W) scores."""
+    C = seen.numel()
+    seen = seen.to(mask_logits.device).view(1, C, 1, 1)
+    S = mask_logits[:, :C].float().sigmoid() - calibration * seen
+    if trusty_weighting and mask_logits.shape[1] == C + 1:
+        A = mask_logits[:, C:].float().sigmoid()  # (B, 1, H, W)
+        A = 1 - A if polarity == 'unseen' else A
+        S = torch.where(seen, S * A, S * (1 - A))
+    return S

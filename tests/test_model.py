@@ -1,0 +1,160 @@
+"""model.py: shapes, frozen CLIP, Eq. 4, Eq. 6-8 and Eq. 12 on hand-checkable tensors."""
+
+import math
+from dataclasses import replace
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import TEMPLATES, ATMLayer, TagCLIP, TagCLIPConfig, load_clip, trusty_scores
+
+
+@pytest.mark.parametrize('trusty', [True, False])
+@pytest.mark.parametrize('size', [(64, 64), (64, 96)])
+def test_shapes(tiny_cfg, trusty, size):
+    torch.manual_seed(0)
+    model = TagCLIP(replace(tiny_cfg, trusty=trusty)).eval()
+    text = model.encode_text(['cat', 'dog', 'red car'])
+    assert text.shape == (3, 32) and torch.allclose(text.norm(dim=-1), torch.ones(3))
+    out = model(torch.randn(2, 3, *size), text)
+    H, W = size[0] // 16, size[1] // 16
+    assert out['pred_masks'].shape == (2, 3 + trusty, H, W)
+    assert [m.shape for m in out['aux_masks']] == [(2, 3 + trusty, H, W)] * 2
+    assert (model.trusty_learner is not None) == trusty  # --no-trusty is ZegCLIP: no self-attention
+
+
+def test_no_trusty_learner_keeps_token(tiny_cfg):
+    model = TagCLIP(replace(tiny_cfg, trusty_learner=False))
+    assert model.trusty_token is not None and model.trusty_learner is None
+
+
+def test_template_ensemble_is_normalised_mean(tiny_cfg):
+    model = TagCLIP(replace(tiny_cfg, templates='ensemble')).eval()
+    text = model.encode_text(['tree', 'sky'])
+    each = model.clip.encode_text(model.tokenizer([t.format('tree') for t in TEMPLATES['ensemble']]), normalize=True)
+    assert len(TEMPLATES['ensemble']) == 15
+    assert torch.allclose(text[0], F.normalize(each.mean(0), dim=0), atol=1e-6)
+
+
+def test_only_trainable_parts_change(tiny_cfg):
+    torch.manual_seed(0)
+    model = TagCLIP(tiny_cfg).train()
+    assert not model.clip.training and model.decoder.training  # frozen CLIP stays in eval mode
+    clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    rest_before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    opt = torch.optim.AdamW(model.param_groups(1e-2, 0.01))
+    text = model.encode_text(['a', 'b'])
+    out = model(torch.randn(2, 3, 64, 64), text)
+    (out['pred_masks'].sum() + sum(m.sum() for m in out['aux_masks'])).backward()
+    opt.step()
+    assert all(torch.equal(v, clip_before[k]) for k, v in model.clip.state_dict().items())
+    changed = {k.split('.')[0] for k, v in model.trainable_state_dict().items() if not torch.equal(v, rest_before[k])}
+    assert changed == {'prompts', 'prompt_proj', 'prompt_norm', 'trusty_token', 'descriptor',
+                       'trusty_learner', 'decoder'}
+    assert all(not p.requires_grad for p in model.clip.parameters())
+
+
+def test_relationship_descriptor_eq4(tiny_cfg):
+    """Eq. 4: the queries are Linear(concat[t' * h, t']) with T' = [text; t_A]."""
+    torch.manual_seed(0)
+    model = TagCLIP(tiny_cfg).eval()
+    seen = {}
+    model.descriptor.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    images, text = torch.randn(2, 3, 64, 64), F.normalize(torch.randn(3, 32), dim=-1)
+    model(images, text)
+    h = model.encode_image(images)[0]                          # (B, d)
+    t = torch.cat([text, model.trusty_token])                  # (C+1, d)
+    x = torch.stack([torch.cat([t * h[b], t], -1) for b in range(2)])  # (B, C+1, 2d), by hand
+    assert torch.allclose(seen['x'], x, atol=1e-6)
+    W, b = model.descriptor.weight, model.descriptor.bias
+    assert torch.allclose(seen['y'], x @ W.T + b, atol=1e-5)
+
+
+def test_atm_mask_logits_eq7():
+    torch.manual_seed(0)
+    layer = ATMLayer(d=8, heads=2).eval()
+    q, E = torch.randn(1, 3, 8), torch.randn(1, 5, 8)
+    _, logits = layer(q, E)
+    Q, K = layer.q_proj(q)[0], layer.k_proj(E)[0]              # (3, 8), (5, 8)
+    by_hand = torch.zeros(3, 5)
+    for head in range(2):
+        s = slice(4 * head, 4 * head + 4)
+        by_hand += Q[:, s] @ K[:, s].T / math.sqrt(4) / 2
+    assert torch.allclose(logits[0], by_hand, atol=1e-6)
+
+
+def test_eq12_trusty_scores():
+    logits = torch.tensor([0.0, 2.0, -1.0, 1.0]).view(1, 4, 1, 1)   # 3 classes + trusty M_A
+    seen = torch.tensor([True, False, True])
+    S = torch.sigmoid(torch.tensor([0.0, 2.0, -1.0]))
+    a = torch.sigmoid(torch.tensor(1.0))                             # sigmoid(M_A)
+    plain = trusty_scores(logits, seen, calibration=0.0, trusty_weighting=False).flatten()
+    assert torch.allclose(plain, S)
+    calib = trusty_scores(logits, seen, calibration=0.1, trusty_weighting=False).flatten()
+    assert torch.allclose(calib, S - torch.tensor([0.1, 0.0, 0.1]))
+    # authors' polarity: sigmoid(M_A) = P(unseen), A = 1 - sigmoid(M_A)
+    A = 1 - a
+    w = trusty_scores(logits, seen, calibration=0.1, trusty_weighting=True).flatten()
+    assert torch.allclose(w, torch.stack([(S[0] - 0.1) * A, S[1] * (1 - A), (S[2] - 0.1) * A]))
+    # paper's polarity: A = sigmoid(M_A)
+    w = trusty_scores(logits, seen, calibration=0.0, trusty_weighting=True, polarity='seen').flatten()
+    assert torch.allclose(w, torch.stack([S[0] * a, S[1] * (1 - a), S[2] * a]))
+    # no trusty channel: weighting has nothing to weight
+    assert torch.allclose(trusty_scores(logits[:, :3], seen, 0.0, True).flatten(), S)
+
+
+def test_positional_embedding_interpolation(tiny_cfg):
+    model = TagCLIP(tiny_cfg)
+    pos = model.clip.visual.positional_embedding                 # (1 + 4*4, D)
+    assert torch.equal(model.positional_embedding(4, 4), pos)
+    p = model.positional_embedding(8, 12)
+    assert p.shape == (1 + 96, pos.shape[1]) and torch.equal(p[0], pos[0])
+    assert torch.allclose(p[1:].mean(0), pos[1:].mean(0), atol=0.05)  # bilinear keeps the mean roughly
+
+
+def test_param_groups(tiny_cfg):
+    model = TagCLIP(tiny_cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    (group,) = model.param_groups(2e-4, 0.01)
+    assert len(group['params']) == len(trainable) and group['lr'] == 2e-4 and group['weight_decay'] == 0.01
+    decay, no_decay = model.param_groups(2e-4, 0.01, exempt_norms=True)
+    assert no_decay['weight_decay'] == 0.0 and len(decay['params']) + len(no_decay['params']) == len(trainable)
+    ids = {id(p) for p in no_decay['params']}
+    assert id(model.prompts) in ids and id(model.trusty_token) in ids and id(model.prompt_norm.weight) in ids
+    assert id(model.descriptor.weight) not in ids and id(model.descriptor.bias) in ids
+
+
+def test_trainable_state_dict_roundtrip(tiny_cfg):
+    a, b = TagCLIP(tiny_cfg), TagCLIP(tiny_cfg)
+    state = a.trainable_state_dict()
+    assert not any(k.startswith('clip.') for k in state)
+    b.load_trainable_state_dict(state)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match='does not match'):
+        TagCLIP(replace(tiny_cfg, trusty=False)).load_trainable_state_dict(state)
+
+
+def test_openai_torchscript_file_loads(tiny_clip, tmp_path):
+    """The official repos ship OpenAI's TorchScript ViT-B-16.pt: it must load like a state dict."""
+    src = open_clip.create_model(tiny_clip, pretrained=None, force_quick_gelu=True)
+    path = tmp_path / 'tiny-openai.pt'
+    torch.jit.save(torch.jit.script(src), str(path))
+    clip = load_clip(tiny_clip, str(path))
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in clip.state_dict().items())
+    plain = tmp_path / 'tiny-open_clip.pt'
+    torch.save(src.state_dict(), plain)
+    assert torch.equal(load_clip(tiny_clip, str(plain)).visual.proj, src.visual.proj)
+
+
+@pytest.mark.parametrize('name,size', [('ViT-B-16', (224, 160)), ('ViT-L-14', (112, 140))])
+def test_real_backbones_random_init(name, size):
+    model = TagCLIP(TagCLIPConfig(clip_model=name, pretrained=None)).eval()
+    p = model.patch_size
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size), F.normalize(torch.randn(4, model.descriptor.out_features), dim=-1))
+    assert out['pred_masks'].shape == (1, 5, size[0] // p, size[1] // p)
+    if name == 'ViT-B-16':  # README: learnable parameters of the VOC config (ZegCLIP reports 13.8M)
+        n = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        assert 10e6 < n < 14e6, n
