@@ -167,10 +167,21 @@ class TagCLIP(nn.Module):
     def std(self):
         return tuple(getattr(self.clip.visual, 'image_std', None) or open_clip.OPENAI_DATASET_STD)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, pretrained: str | None = None):
+        """Rebuild from a train.py checkpoint ({'config', 'model', ...}); `pretrained` overrides
+        where the frozen CLIP weights are read from (they are not stored in the checkpoint)."""
+        cfg = TagCLIPConfig(**ckpt['config'])
+        if pretrained is not None:
+            cfg.pretrained = pretrained
+        model = cls(cfg)
+        model.load_trainable_state_dict(ckpt['model'])
+        return model
+
     @torch.no_grad()
-    def encode_text(self, class_names, chunk: int = 1024):
+    def encode_text(self, class_names, templates: str | None = None, chunk: int = 1024):
         """§1: frozen CLIP text embeddings T, (C, d), L2-normalised, template ensemble averaged."""
-        templates = TEMPLATES[self.cfg.templates]
+        templates = TEMPLATES[templates or self.cfg.templates]
         device = self.prompts.device
         prompts = [t.format(c) for c in class_names for t in templates]
         emb = torch.cat([self.clip.encode_text(self.tokenizer(prompts[i:i + chunk]).to(device), normalize=True)

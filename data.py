@@ -1,0 +1,420 @@
+"""Datasets and augmentation for TagCLIP (DESIGN §8, §9, §11).
+
+Class-name lists (ZegCLIP's), the zero-shot seen/unseen splits, readers for the mmsegmentation
+layouts of PASCAL VOC 2012 (+SBD aug), COCO-Stuff 164K, PASCAL Context (59 / 60 classes) and the toy
+world, and the train / eval transforms (torchvision.transforms.v2 on tv_tensors, so image and label
+move together; mmseg semantics). Labels come out as class indices 0..C-1, or 255 = ignore.
+"""
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IGNORE_INDEX = 255
+_INVALID = -1  # LUT entry for raw label values that belong to no class: reading them is an error
+
+# -----------------------------------------------------------------------------
+# class names (ZegCLIP's text-embedding notebook and dataset configs)
+
+VOC_CLASSES = (
+    'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
+    'tvmonitor')
+COCO_STUFF_CLASSES = (  # 80 COCO things, then 91 stuff classes; index = mmseg labelTrainIds value
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+    'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
+    'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella',
+    'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
+    'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle',
+    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange',
+    'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant',
+    'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone',
+    'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors',
+    'teddy bear', 'hair drier', 'toothbrush',
+    'banner', 'blanket', 'branch', 'bridge', 'building-other', 'bush', 'cabinet', 'cage',
+    'cardboard', 'carpet', 'ceiling-other', 'ceiling-tile', 'cloth', 'clothes', 'clouds', 'counter',
+    'cupboard', 'curtain', 'desk-stuff', 'dirt', 'door-stuff', 'fence', 'floor-marble',
+    'floor-other', 'floor-stone', 'floor-tile', 'floor-wood', 'flower', 'fog', 'food-other',
+    'fruit', 'furniture-other', 'grass', 'gravel', 'ground-other', 'hill', 'house', 'leaves',
+    'light', 'mat', 'metal', 'mirror-stuff', 'moss', 'mountain', 'mud', 'napkin', 'net', 'paper',
+    'pavement', 'pillow', 'plant-other', 'plastic', 'platform', 'playingfield', 'railing',
+    'railroad', 'river', 'road', 'rock', 'roof', 'rug', 'salad', 'sand', 'sea', 'shelf',
+    'sky-other', 'skyscraper', 'snow', 'solid-other', 'stairs', 'stone', 'straw',
+    'structural-other', 'table', 'tent', 'textile-other', 'towel', 'tree', 'vegetable',
+    'wall-brick', 'wall-concrete', 'wall-other', 'wall-panel', 'wall-stone', 'wall-tile',
+    'wall-wood', 'water-other', 'waterdrops', 'window-blind', 'window-other', 'wood')
+CONTEXT59_CLASSES = (
+    'aeroplane', 'bag', 'bed', 'bedclothes', 'bench', 'bicycle', 'bird', 'boat', 'book', 'bottle',
+    'building', 'bus', 'cabinet', 'car', 'cat', 'ceiling', 'chair', 'cloth', 'computer', 'cow',
+    'cup', 'curtain', 'dog', 'door', 'fence', 'floor', 'flower', 'food', 'grass', 'ground', 'horse',
+    'keyboard', 'light', 'motorbike', 'mountain', 'mouse', 'person', 'plate', 'platform',
+    'pottedplant', 'road', 'rock', 'sheep', 'shelves', 'sidewalk', 'sign', 'sky', 'snow', 'sofa',
+    'table', 'track', 'train', 'tree', 'truck', 'tvmonitor', 'wall', 'water', 'window', 'wood')
+TOY_COLOURS = ('red', 'green', 'blue', 'yellow', 'purple')
+TOY_PATTERNS = ('solid', 'striped', 'barred', 'checkered', 'dotted')
+TOY_CLASSES = tuple(f'{c} {p}' for c in TOY_COLOURS for p in TOY_PATTERNS)  # index = 5 * colour + pattern
+# Toy unseen split (DESIGN §12): red holds two unseen classes, so "unseen + red" does not name the
+# class and the trusty map alone cannot; dotted holds two as well. Every colour and every pattern
+# keeps >= 3 seen classes, so both concepts are learnt from seen data alone.
+TOY_UNSEEN = ('red striped', 'red dotted', 'green checkered', 'blue barred', 'yellow solid',
+              'purple dotted')
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    classes: tuple[str, ...]  # names in label-index order
+    unseen: tuple[str, ...]   # zero-shot unseen class names (empty: cross-dataset target only)
+    crop: int                 # train crop size
+    eval_short: int           # eval: resize the short side to this
+    templates: str            # 'single' or 'ensemble' prompt templates (DESIGN §1)
+    n_prompts: int            # deep visual prompts per layer (DESIGN §2)
+    iters: int                # default train iterations
+
+
+DATASETS = {
+    'voc': DatasetInfo(VOC_CLASSES, ('pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor'),
+                       512, 512, 'single', 10, 20000),
+    'coco_stuff': DatasetInfo(COCO_STUFF_CLASSES, (
+        'cow', 'giraffe', 'suitcase', 'frisbee', 'skateboard', 'carrot', 'scissors', 'cardboard',
+        'clouds', 'grass', 'playingfield', 'river', 'road', 'tree', 'wall-concrete'),
+        512, 512, 'ensemble', 100, 80000),
+    # Context is only a cross-dataset target in the paper; 40k is mmseg's Context schedule.
+    'context59': DatasetInfo(CONTEXT59_CLASSES, (), 512, 512, 'ensemble', 10, 40000),
+    'context60': DatasetInfo(('background',) + CONTEXT59_CLASSES, (), 512, 512, 'ensemble', 10, 40000),
+    'toy': DatasetInfo(TOY_CLASSES, TOY_UNSEEN, 64, 64, 'single', 10, 1500),
+}
+
+
+def _check_class_lists():
+    """Import-time sanity: sizes, no duplicates, unseen names in the class list, toy split rules."""
+    sizes = {'voc': 20, 'coco_stuff': 171, 'context59': 59, 'context60': 60, 'toy': 25}
+    for name, info in DATASETS.items():
+        assert len(info.classes) == len(set(info.classes)) == sizes[name], name
+        assert set(info.unseen) <= set(info.classes), (name, set(info.unseen) - set(info.classes))
+    seen = [c.split() for c in TOY_CLASSES if c not in TOY_UNSEEN]
+    assert all(sum(w in c for c in seen) >= 3 for w in TOY_COLOURS + TOY_PATTERNS)
+    assert sorted(sum(u.startswith(c + ' ') for u in TOY_UNSEEN) for c in TOY_COLOURS) == [1, 1, 1, 1, 2]
+
+
+_check_class_lists()
+
+# -----------------------------------------------------------------------------
+# label look-up tables: raw PNG value (0..255) -> class index, 255, or _INVALID
+
+
+def _lut(raw_ids, zero_to_ignore=False):
+    """256-entry LUT sending raw_ids[k] -> k, 255 -> 255 (and 0 -> 255 if asked), the rest invalid."""
+    lut = np.full(256, _INVALID, np.int64)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    lut[list(raw_ids)] = np.arange(len(raw_ids))
+    if zero_to_ignore:
+        lut[0] = IGNORE_INDEX
+    return lut
+
+
+# COCO-Stuff raw stuffthingmaps ids are 0..181 (COCO category id - 1); 11 thing ids are unused.
+# mmseg's converter maps the 171 used ids in order to labelTrainIds 0..170.
+_COCO_UNUSED_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+_COCO_RAW_IDS = tuple(i for i in range(182) if i not in _COCO_UNUSED_IDS)
+assert len(_COCO_RAW_IDS) == len(COCO_STUFF_CLASSES)
+
+# -----------------------------------------------------------------------------
+# readers for the mmseg layouts
+
+
+class DatasetError(ValueError):
+    """A missing or malformed dataset file; the one-line message names the path."""
+
+
+LAYOUTS = {
+    'voc': 'VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationClassAug,ImageSets/Segmentation}',
+    'context': 'VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext}',
+    'coco_stuff': 'coco_stuff164k/{images,annotations}/{train2017,val2017}',
+    'toy': '<toy root>/{images,annotations}/{train,val}/*.png',
+}
+
+
+def _need(path, layout):
+    """Return path if it exists, else raise DatasetError naming it and the expected layout."""
+    if not path.exists():
+        raise DatasetError(f'expected {path} (mmseg layout: {layout})')
+    return path
+
+
+def _find_root(root, marker, subdirs, layout):
+    """The first of root, root/subdir... that contains `marker` (e.g. VOCdevkit parent auto-detect)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f'{root}: dataset root not found (mmseg layout: {layout})')
+    for cand in [root] + [root / s for s in subdirs]:
+        if (cand / marker).is_dir():
+            return cand
+    where = f" nor under {', '.join(f'{s}/' for s in subdirs)}" if subdirs else ''
+    raise DatasetError(f'{root}: no {marker}/ folder there{where} (mmseg layout: {layout})')
+
+
+def _read_ids(path, layout):
+    """Image ids of a split file, one per line."""
+    ids = [s.strip() for s in _need(path, layout).read_text().splitlines() if s.strip()]
+    if not ids:
+        raise DatasetError(f'{path}: split file lists no images')
+    return ids
+
+
+def _read_voc(root, split):
+    """VOC 2012. val: val.txt; train: trainaug.txt, else mmseg's train.txt + aug.txt, else train.txt."""
+    layout = LAYOUTS['voc']
+    root = _find_root(root, 'JPEGImages', ['VOC2012', 'VOCdevkit/VOC2012'], layout)
+    sets = root / 'ImageSets' / 'Segmentation'
+    if split == 'val':
+        lists = [('val.txt', 'SegmentationClass')]
+    elif (sets / 'trainaug.txt').is_file():  # the common 10,582-image list, all labels in Aug
+        lists = [('trainaug.txt', 'SegmentationClassAug')]
+    elif (sets / 'aug.txt').is_file():  # mmseg's voc_aug converter: aug.txt excludes train.txt ids
+        lists = [('train.txt', 'SegmentationClass'), ('aug.txt', 'SegmentationClassAug')]
+    else:
+        lists = [('train.txt', 'SegmentationClass')]
+    samples = {}  # image id -> (image, label); the first list naming an id wins
+    for fname, ann in lists:
+        _need(root / ann, layout)
+        for i in _read_ids(sets / fname, layout):
+            samples.setdefault(i, (root / 'JPEGImages' / f'{i}.jpg', root / ann / f'{i}.png'))
+    print(f"voc {split}: {len(samples)} images from {' + '.join(f'{f} ({a})' for f, a in lists)}")
+    return root, list(samples.values()), _lut(range(1, 21), zero_to_ignore=True)
+
+
+def _read_context(root, split, background):
+    """PASCAL Context (mmseg-converted labels): 59 classes with 0 -> 255, or 60 with 0 = background."""
+    layout = LAYOUTS['context']
+    root = _find_root(root, 'JPEGImages', ['VOC2010', 'VOCdevkit/VOC2010'], layout)
+    ann = _need(root / 'SegmentationClassContext', layout)
+    ids = _read_ids(root / 'ImageSets' / 'SegmentationContext' / f'{split}.txt', layout)
+    lut = _lut(range(60)) if background else _lut(range(1, 60), zero_to_ignore=True)
+    return root, [(root / 'JPEGImages' / f'{i}.jpg', ann / f'{i}.png') for i in ids], lut
+
+
+def _list_images(img_dir, pattern):
+    """Sorted images in a folder; an empty folder is an error."""
+    images = sorted(img_dir.glob(pattern))
+    if not images:
+        raise DatasetError(f'{img_dir}: no {pattern} images')
+    return images
+
+
+def _read_coco(root, split):
+    """COCO-Stuff 164K: *_labelTrainIds.png (0..170, 255) as is; else raw stuffthingmaps *.png remapped."""
+    layout = LAYOUTS['coco_stuff']
+    root = _find_root(root, 'images', ['coco_stuff164k'], layout)
+    img_dir = _need(root / 'images' / f'{split}2017', layout)
+    ann_dir = _need(root / 'annotations' / f'{split}2017', layout)
+    images = _list_images(img_dir, '*.jpg')
+    if any(ann_dir.glob('*_labelTrainIds.png')):
+        suffix, lut = '_labelTrainIds.png', _lut(range(171))
+    else:
+        suffix, lut = '.png', _lut(_COCO_RAW_IDS)
+        print(f'coco_stuff {split}: no *_labelTrainIds.png in {ann_dir}; mapping raw ids 0..181 to 0..170')
+    return root, [(p, ann_dir / f'{p.stem}{suffix}') for p in images], lut
+
+
+def _read_toy(root, split):
+    """Toy world (toy.py): images/{split}/*.png with same-named label PNGs, values 0..24 / 255."""
+    layout = LAYOUTS['toy']
+    root = _find_root(root, 'images', [], layout)
+    img_dir = _need(root / 'images' / split, layout)
+    ann_dir = _need(root / 'annotations' / split, layout)
+    images = _list_images(img_dir, '*.png')
+    return root, [(p, ann_dir / p.name) for p in images], _lut(range(len(TOY_CLASSES)))
+
+
+_READERS = {'voc': _read_voc, 'coco_stuff': _read_coco, 'toy': _read_toy,
+            'context59': partial(_read_context, background=False),
+            'context60': partial(_read_context, background=True)}
+
+# -----------------------------------------------------------------------------
+# dataset
+
+
+def _decode(path, what, rgb):
+    """Fully decode an image file (truncated files raise: LOAD_TRUNCATED_IMAGES is left off)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.array(img.convert('RGB') if rgb else img)
+    except FileNotFoundError:
+        raise DatasetError(f'{path}: {what} not found') from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: unreadable {what} ({' '.join(str(e).split())})") from None
+
+
+def _ranges(values):
+    """Compact text for sorted ints: [0, 1, 2, 255] -> '0..2, 255'."""
+    runs, start = [], values[0]
+    for a, b in zip(values, list(values[1:]) + [None]):
+        if b != a + 1:
+            runs.append(f'{start}..{a}' if a > start else f'{a}')
+            start = b
+    return ', '.join(runs)
+
+
+def _read_label(path, lut):
+    """Read a single-channel index PNG (palette or grey) and map it through the LUT -> (H, W) int64."""
+    raw = _decode(path, 'label', rgb=False)
+    if raw.ndim != 2 or raw.dtype.kind not in 'ui':
+        raise DatasetError(f'{path}: label is not a single-channel index PNG ({raw.dtype} {raw.shape})')
+    clipped = np.clip(raw, 0, 255)
+    label = lut[clipped]  # (H, W) int64
+    bad = np.unique(raw[(label == _INVALID) | (clipped != raw)])
+    if bad.size:
+        raise DatasetError(f'{path}: label values {bad.tolist()} outside the valid raw values '
+                           f'{_ranges(np.flatnonzero(lut != _INVALID).tolist())}')
+    return label
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """List of (image path, label path) pairs + label LUT + transform.
+
+    Files are read lazily: a missing, truncated or inconsistent file raises DatasetError when its
+    item is loaded. Items: {'image', 'label', 'path' (image path relative to root)}. Without a
+    transform, image is a uint8 tv_tensors.Image (3, H, W), label an int64 tv_tensors.Mask (H, W).
+    """
+
+    def __init__(self, name, root, samples, lut, transform=None):
+        self.name, self.info = name, DATASETS[name]
+        self.classes = self.info.classes
+        self.root, self.samples, self.lut, self.transform = Path(root), list(samples), lut, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img_path, lbl_path = self.samples[i]
+        image = _decode(img_path, 'image', rgb=True)  # (H, W, 3) uint8
+        label = _read_label(lbl_path, self.lut)  # (H, W) int64
+        if label.shape != image.shape[:2]:
+            (h, w), (ih, iw) = label.shape, image.shape[:2]
+            raise DatasetError(f'{lbl_path}: label size {w}x{h} differs from image {img_path} size {iw}x{ih}')
+        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())  # (3, H, W)
+        label = tv_tensors.Mask(torch.from_numpy(label))  # (H, W)
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return {'image': image, 'label': label, 'path': img_path.relative_to(self.root).as_posix()}
+
+
+def build_dataset(name, root, split, transform=None):
+    """Dataset `name` ('voc', 'coco_stuff', 'context59', 'context60', 'toy') split 'train'/'val' at root."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if split not in ('train', 'val'):
+        raise DatasetError(f"unknown split {split!r}; expected 'train' or 'val'")
+    root, samples, lut = _READERS[name](Path(root).expanduser(), split)
+    return SegDataset(name, root, samples, lut, transform)
+
+
+def collate_eval(batch):
+    """Eval collate: images differ in size, so the batch stays a list of item dicts."""
+    return batch
+
+# -----------------------------------------------------------------------------
+# transforms: callables on (image, label) composed with v2.Compose (DESIGN §8, mmseg semantics)
+
+
+def keep_ratio_size(h, w, scale):
+    """mmcv rescale_size: largest (h', w') with long edge <= max(scale), short edge <= min(scale)."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+class RandomRescale:
+    """mmseg Resize(img_scale=scale, ratio_range, keep_ratio=True): fit inside scale * r, r ~ U(range)."""
+
+    def __init__(self, scale, ratio_range):
+        self.scale, self.ratio_range = scale, ratio_range
+
+    def __call__(self, image, label):
+        lo, hi = self.ratio_range
+        r = lo + (hi - lo) * torch.rand(()).item()
+        size = list(keep_ratio_size(*image.shape[-2:], (int(self.scale[0] * r), int(self.scale[1] * r))))
+        # antialias (torchvision's default) only differs from mmcv's cv2 bilinear when shrinking
+        image = F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        label = F.resize(label, size, interpolation=v2.InterpolationMode.NEAREST)
+        return image, label
+
+
+class CatMaxRandomCrop:
+    """mmseg RandomCrop: crop <= crop x crop, resampled up to `tries` times while one class
+    (255 excluded) covers >= cat_max_ratio of the crop's labelled pixels or only one class is there."""
+
+    def __init__(self, crop, cat_max_ratio=0.75, tries=10):
+        self.crop, self.cat_max_ratio, self.tries = crop, cat_max_ratio, tries
+
+    def _box(self, h, w):
+        ch, cw = min(self.crop, h), min(self.crop, w)
+        return torch.randint(h - ch + 1, ()).item(), torch.randint(w - cw + 1, ()).item(), ch, cw
+
+    def _ok(self, label):
+        values, counts = label.unique(return_counts=True)
+        counts = counts[values != IGNORE_INDEX]
+        return len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio
+
+    def __call__(self, image, label):
+        box = self._box(*label.shape[-2:])
+        if self.cat_max_ratio < 1:
+            for _ in range(self.tries):
+                if self._ok(F.crop(label, *box)):
+                    break
+                box = self._box(*label.shape[-2:])
+        return F.crop(image, *box), F.crop(label, *box)
+
+
+def pad_to(image, label, size):
+    """Pad bottom/right to size x size: image with 0 (after normalisation), label with 255."""
+    pad = [0, 0, size - image.shape[-1], size - image.shape[-2]]  # left, top, right, bottom
+    return F.pad(image, pad, fill=0), F.pad(label, pad, fill=IGNORE_INDEX)
+
+
+def as_tensors(image, label):
+    """Unwrap tv_tensors into plain tensors for the model side."""
+    return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+
+
+def photometric_distortion():
+    """~ mmseg PhotoMetricDistortion, image only (v2 skips Masks): each jitter applied with p = 0.5.
+
+    brightness: mmseg adds +-32 grey levels, here a multiplicative factor 1 +- 32/255;
+    hue: mmseg shifts +-18 of OpenCV's 180 hue steps = +-0.1 of the hue circle.
+    """
+    jitters = [v2.ColorJitter(brightness=32 / 255), v2.ColorJitter(contrast=(0.5, 1.5)),
+               v2.ColorJitter(saturation=(0.5, 1.5)), v2.ColorJitter(hue=18 / 180)]
+    return v2.Compose([v2.RandomApply([t], p=0.5) for t in jitters])
+
+
+def train_transform(mean, std, crop, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
+                    photometric=True):
+    """DESIGN §8: rescale, cat-max crop, flip, photometric, normalise, pad -> (3, crop, crop) float32,
+    (crop, crop) int64. mean/std in [0, 1] units (e.g. the CLIP model's); the toy world passes
+    scale=(4 * crop, crop)."""
+    steps = [RandomRescale(scale, ratio_range), CatMaxRandomCrop(crop, cat_max_ratio),
+             v2.RandomHorizontalFlip(0.5)]
+    if photometric:
+        steps.append(photometric_distortion())
+    steps += [v2.ToDtype(torch.float32, scale=True),  # images only: the Mask keeps int64
+              v2.Normalize(mean, std), partial(pad_to, size=crop), as_tensors]
+    return v2.Compose(steps)
+
+
+def resize_short(image, label, short):
+    """Resize the image only (bilinear, antialiased) so that its short side is exactly `short`."""
+    return F.resize(image, [short], interpolation=v2.InterpolationMode.BILINEAR, antialias=True), label
+
+
+def eval_transform(mean, std, short):
+    """Eval: short side -> `short`, normalise; the label stays at the original resolution (metrics
+    are computed there). Returns image (3, h', w') float32, label (H, W) int64."""
+    return v2.Compose([partial(resize_short, short=short), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std), as_tensors])

@@ -1,0 +1,227 @@
+"""Evaluation: batched sliding-window inference with Eq. 12 scores, and exact zero-shot metrics.
+
+Metrics come from one confusion matrix accumulated over the whole set (all-reduced across ranks,
+every image counted exactly once): per-class IoU and accuracy, mIoU, mIoU(S), mIoU(U),
+hIoU = 2 S U / (S + U), pAcc, mAcc. A class absent from both the labels and the predictions has no
+IoU (NaN) and is left out of every mean, as mmsegmentation does.
+
+    python evaluate.py --checkpoint runs/voc/best.pt --dataset voc --data-root data/VOCdevkit/VOC2012
+    torchrun --nproc_per_node 8 evaluate.py --checkpoint ... --dataset coco_stuff --data-root ...
+"""
+
+import argparse
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DATASETS, build_dataset, eval_transform
+from model import TagCLIP, trusty_scores
+
+IGNORE = 255
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed():
+    """Process group from torchrun's environment (NCCL on CUDA, gloo on CPU); a no-op when launched
+    plainly. Returns (rank, world_size, device)."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device('cuda', local)
+    else:
+        device = torch.device('cpu')
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    return rank_world()[0] == 0
+
+
+# ----------------------------------------------------------------------------- inference
+
+def window_grid(h: int, w: int, crop: int, stride: int):
+    """mmseg slide windows: (y1, y2, x1, x2) covering an h x w image, last ones flush with the border."""
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+def window_scores(model, windows, text, seen, calibration=0.0, trusty_weighting=True, polarity='unseen', amp=None):
+    """Eq. 12 scores of a batch of windows (n, 3, h, w) -> (n, C[+1], h, w); the extra last channel,
+    when the model has a trusty token, is A = P(pixel belongs to a seen class)."""
+    n, _, h, w = windows.shape
+    p = model.patch_size
+    ph, pw = -h % p, -w % p  # pad to a multiple of the patch size, cut the scores back
+    x = F.pad(windows, (0, pw, 0, ph))
+    with torch.autocast(x.device.type, dtype=amp) if amp else nullcontext():
+        logits = model(x, text)['pred_masks']                        # (n, C[+1], h/p, w/p)
+    logits = F.interpolate(logits.float(), size=x.shape[-2:], mode='bilinear', align_corners=False)
+    logits = logits[..., :h, :w]                                     # (n, C[+1], h, w)
+    S = trusty_scores(logits, seen, calibration, trusty_weighting, polarity)  # (n, C, h, w)
+    C = seen.numel()
+    if logits.shape[1] == C + 1:
+        A = logits[:, C:].sigmoid()
+        S = torch.cat([S, 1 - A if polarity == 'unseen' else A], 1)
+    return S
+
+
+@torch.no_grad()
+def slide_inference(model, image, text, seen, crop: int, stride: int, chunk: int = 16, **kw):
+    """All windows of one image (3, h, w) as one batch (in chunks of `chunk` to bound memory);
+    overlapping scores averaged. Returns (C[+1], h, w)."""
+    _, h, w = image.shape
+    boxes = window_grid(h, w, crop, stride)
+    windows = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n, 3, crop, crop)
+    scores = torch.cat([window_scores(model, windows[i:i + chunk], text, seen, **kw)
+                        for i in range(0, len(boxes), chunk)])                   # (n, C[+1], crop, crop)
+    total = scores.new_zeros(scores.shape[1], h, w)
+    count = scores.new_zeros(1, h, w)
+    for s, (y1, y2, x1, x2) in zip(scores, boxes):
+        total[:, y1:y2, x1:x2] += s
+        count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+@torch.no_grad()
+def predict(model, image, text, seen, out_size, mode='slide', crop=512, stride=426, **kw):
+    """Scores (C[+1], H, W) at the original size `out_size` for one normalised, resized image."""
+    image = image.to(text.device)
+    if mode == 'slide':
+        scores = slide_inference(model, image, text, seen, crop, stride, **kw)
+    else:
+        scores = window_scores(model, image[None], text, seen, **kw)[0]
+    return F.interpolate(scores[None], size=tuple(out_size), mode='bilinear', align_corners=False)[0]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def confusion_matrix(pred, label, num_classes: int):
+    """(C, C) counts, rows = ground truth, columns = prediction; label-255 pixels are skipped."""
+    keep = label != IGNORE
+    idx = label[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def compute_metrics(conf, class_names, seen):
+    """Per-class IoU/Acc and the summary (percentages) from a (C, C) confusion matrix."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float('nan')))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float('nan')))
+    seen = torch.as_tensor(seen, dtype=torch.bool)
+    mean = lambda v: 100 * v[~v.isnan()].mean().item() if (~v.isnan()).any() else float('nan')
+    s, u = mean(iou[seen]), mean(iou[~seen])
+    summary = {'pAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item(), 'mAcc': mean(acc), 'mIoU': mean(iou),
+               'mIoU(S)': s, 'mIoU(U)': u,
+               'hIoU': 2 * s * u / (s + u) if (s + u) > 0 and not math.isnan(s + u) else float('nan')}
+    per_class = {n: {'IoU': 100 * i, 'Acc': 100 * a, 'seen': bool(k)}
+                 for n, i, a, k in zip(class_names, iou.tolist(), acc.tolist(), seen.tolist())}
+    return {'summary': summary, 'per_class': per_class}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, **kw):
+    """Confusion matrix over the whole `dataset` (each rank takes every world-th image: no padding,
+    no duplicates), all-reduced; the text is embedded once. Returns compute_metrics(...) + 'confusion'."""
+    model.eval()
+    rank, world = rank_world()
+    device = next(model.parameters()).device
+    text = model.encode_text(class_names, templates)                   # (C, d), once per evaluation
+    seen = torch.as_tensor(seen, dtype=torch.bool, device=device)
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers)
+    conf = torch.zeros(len(class_names), len(class_names), dtype=torch.long, device=device)
+    for sample in tqdm(loader, desc='eval', disable=not (progress and rank == 0), dynamic_ncols=True):
+        label = sample['label'].to(device)
+        scores = predict(model, sample['image'], text, seen, label.shape[-2:], **kw)
+        conf += confusion_matrix(scores[:len(class_names)].argmax(0), label, len(class_names))
+    if world > 1:
+        dist.all_reduce(conf)
+    return {**compute_metrics(conf.cpu(), class_names, seen.cpu()), 'confusion': conf.cpu().tolist()}
+
+
+def format_table(metrics) -> str:
+    rows = [f"{'class':<24} {'split':<6} {'IoU':>6} {'Acc':>6}"]
+    for name, m in metrics['per_class'].items():
+        rows.append(f"{name:<24} {'seen' if m['seen'] else 'unseen':<6} {m['IoU']:6.2f} {m['Acc']:6.2f}")
+    rows.append('  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
+    return '\n'.join(rows)
+
+
+def inference_defaults(ckpt: dict, dataset: str, class_names):
+    """DESIGN §7: which classes count as seen, and the default calibration / trusty weighting for
+    evaluating `ckpt` on `dataset` (0.1 only for inductive evaluation on the training dataset;
+    no trusty weighting across datasets)."""
+    trained = set(ckpt['classes']['seen'])
+    same = dataset == ckpt['classes']['dataset']
+    inductive = ckpt['setting'] == 'inductive' and same
+    return [n in trained for n in class_names], (0.1 if inductive else 0.0), same
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='a train.py checkpoint')
+    p.add_argument('--dataset', default=None, choices=sorted(DATASETS), help='default: the checkpoint\'s dataset')
+    p.add_argument('--data-root', default=None, help='dataset folder (mmseg layout); default: the checkpoint\'s')
+    p.add_argument('--split', default='val')
+    p.add_argument('--pretrained', default=None, help='override where the frozen CLIP weights are read from')
+    p.add_argument('--mode', default='slide', choices=['slide', 'whole'])
+    p.add_argument('--crop', type=int, default=None, help='window size (default: the dataset\'s crop, 512)')
+    p.add_argument('--stride', type=int, default=None, help='window stride (default: 426/512 of the crop)')
+    p.add_argument('--calibration', type=float, default=None, help='seen-score calibration (default: DESIGN §7 rule)')
+    p.add_argument('--trusty-weighting', default='auto', choices=['auto', 'on', 'off'],
+                   help='Eq. 12 weighting by the trusty map (auto: on unless cross-dataset)')
+    p.add_argument('--templates', default=None, choices=['single', 'ensemble'], help='default: the dataset\'s')
+    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA')
+    p.add_argument('--out', default=None, help='write the metrics JSON here')
+    args = p.parse_args()
+
+    rank, world, device = setup_distributed()
+    ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
+    name = args.dataset or ckpt['classes']['dataset']
+    info = DATASETS[name]
+    root = args.data_root or ckpt['args']['data_root']
+    model = TagCLIP.from_checkpoint(ckpt, args.pretrained).to(device)
+    dataset = build_dataset(name, root, args.split, eval_transform(model.mean, model.std, info.eval_short))
+    seen, calibration, same = inference_defaults(ckpt, name, info.classes)
+    crop = args.crop or info.crop
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
+           'auto': torch.bfloat16 if device.type == 'cuda' else None}[args.amp]
+    metrics = evaluate(model, dataset, info.classes, seen, templates=args.templates or info.templates,
+                       workers=args.workers, mode=args.mode, crop=crop, stride=args.stride or round(crop * 426 / 512),
+                       calibration=calibration if args.calibration is None else args.calibration,
+                       trusty_weighting={'auto': same, 'on': True, 'off': False}[args.trusty_weighting],
+                       polarity=ckpt['polarity'], amp=amp)
+    if rank == 0:
+        print(format_table(metrics))
+        if args.out:
+            with open(args.out, 'w') as f:
+                json.dump({k: v for k, v in metrics.items() if k != 'confusion'}, f, indent=2)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,113 @@
+"""evaluate.py: metrics by hand, batched sliding inference, one text encoding, 2-rank equivalence."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from evaluate import compute_metrics, confusion_matrix, evaluate, slide_inference, window_grid, window_scores
+from model import TagCLIP, TagCLIPConfig
+from tests.conftest import TINY_CLIP
+
+NAMES = ['red thing', 'blue thing', 'green thing']
+SEEN = [True, False, True]
+
+
+class RandomSegSet(torch.utils.data.Dataset):
+    """Odd-sized in-memory dataset with the data.py sample interface."""
+
+    def __init__(self, n=5, size=(64, 80)):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        label = torch.randint(0, 3, self.size, generator=g)
+        label[: 4 + i] = 255
+        return {'image': torch.randn(3, *self.size, generator=g), 'label': label, 'path': f'{i}.png'}
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=3, heads=4)).eval()
+
+
+def test_metrics_by_hand():
+    conf = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # class 2: absent from labels and predictions
+    m = compute_metrics(conf, NAMES, SEEN)
+    assert math.isclose(m['per_class']['red thing']['IoU'], 100 * 5 / 8)
+    assert math.isclose(m['per_class']['blue thing']['IoU'], 100 * 3 / 6)
+    assert math.isnan(m['per_class']['green thing']['IoU'])  # excluded from every mean
+    s = m['summary']
+    assert math.isclose(s['mIoU(S)'], 62.5) and math.isclose(s['mIoU(U)'], 50.0)
+    assert math.isclose(s['hIoU'], 2 * 62.5 * 50 / 112.5)
+    assert math.isclose(s['mIoU'], 56.25) and math.isclose(s['pAcc'], 100 * 8 / 11)
+    assert math.isclose(s['mAcc'], 100 * (5 / 6 + 3 / 5) / 2)
+
+
+def test_confusion_matrix_skips_ignore():
+    label = torch.tensor([[0, 1, 255], [2, 2, 1]])
+    pred = torch.tensor([[0, 2, 1], [2, 0, 1]])
+    conf = confusion_matrix(pred, label, 3)
+    assert conf.tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1]] and conf.sum() == 5
+
+
+@pytest.mark.parametrize('h,w', [(64, 112), (100, 64), (64, 64), (40, 70)])
+def test_window_grid_covers_every_pixel(h, w):
+    cover = torch.zeros(h, w)
+    for y1, y2, x1, x2 in window_grid(h, w, 64, 48):
+        assert y2 - y1 == min(64, h) and x2 - x1 == min(64, w)
+        cover[y1:y2, x1:x2] += 1
+    assert (cover > 0).all()
+
+
+def test_batched_slide_equals_window_loop():
+    model, image = make_model(), torch.randn(3, 64, 112)
+    text, seen = model.encode_text(NAMES), torch.tensor(SEEN)
+    kw = dict(calibration=0.1, trusty_weighting=True, polarity='unseen')
+    batched = slide_inference(model, image, text, seen, crop=64, stride=48, chunk=2, **kw)
+    total, count = torch.zeros(4, 64, 112), torch.zeros(1, 64, 112)
+    with torch.no_grad():
+        for y1, y2, x1, x2 in window_grid(64, 112, 64, 48):
+            total[:, y1:y2, x1:x2] += window_scores(model, image[None, :, y1:y2, x1:x2], text, seen, **kw)[0]
+            count[:, y1:y2, x1:x2] += 1
+    assert batched.shape == (4, 64, 112) and (count > 0).all()
+    assert torch.allclose(batched, total / count, atol=1e-5)
+
+
+def test_text_encoded_once_per_evaluation():
+    model = make_model()
+    calls = []
+    encode = model.encode_text
+    model.encode_text = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    m = evaluate(model, RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False)
+    assert len(calls) == 1
+    labelled = sum((RandomSegSet()[i]['label'] != 255).sum().item() for i in range(5))
+    assert sum(map(sum, m['confusion'])) == labelled  # every labelled pixel counted exactly once
+
+
+def _worker(rank, init_file, out_file, cfg_file):
+    import open_clip
+    open_clip.add_model_config(cfg_file)
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    m = evaluate(make_model(), RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False)
+    if rank == 0:
+        with open(out_file, 'w') as f:
+            json.dump(m['confusion'], f)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one(tmp_path):
+    cfg_file = tmp_path / 'tiny_test_clip.json'
+    cfg_file.write_text(json.dumps(TINY_CLIP))
+    out = tmp_path / 'conf.json'
+    mp.spawn(_worker, args=(str(tmp_path / 'init'), str(out), str(cfg_file)), nprocs=2, join=True)
+    single = evaluate(make_model(), RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False)
+    assert json.loads(out.read_text()) == single['confusion']
