@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, build_dataset, eval_transform
+from data import DATASETS, DatasetError, build_dataset, eval_transform
 from model import TagCLIP, trusty_scores
 
 IGNORE = 255
@@ -179,41 +179,56 @@ def inference_defaults(ckpt: dict, dataset: str, class_names):
     return [n in trained for n in class_names], (0.1 if inductive else 0.0), same
 
 
+def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrained=None, mode='slide',
+                        crop=None, stride=None, calibration=None, trusty_weighting='auto', templates=None,
+                        workers=4, amp='auto', device=None, progress=True):
+    """Evaluate a train.py checkpoint with the defaults of DESIGN §7 (see `inference_defaults`);
+    every argument left None/'auto' takes that default. Returns evaluate(...)'s metrics."""
+    device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    name = dataset or ckpt['classes']['dataset']
+    info = DATASETS[name]
+    model = TagCLIP.from_checkpoint(ckpt, pretrained).to(device)
+    data = build_dataset(name, data_root or ckpt['args']['data_root'], split,
+                         eval_transform(model.mean, model.std, info.eval_short))
+    seen, default_calibration, same = inference_defaults(ckpt, name, info.classes)
+    crop = crop or info.crop
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
+           'auto': torch.bfloat16 if device.type == 'cuda' else None}[amp]
+    return evaluate(model, data, info.classes, seen, templates=templates or info.templates, workers=workers,
+                    progress=progress, mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
+                    calibration=default_calibration if calibration is None else calibration,
+                    trusty_weighting={'auto': same, 'on': True, 'off': False}[trusty_weighting],
+                    polarity=ckpt['polarity'], amp=amp)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--checkpoint', required=True, help='a train.py checkpoint')
-    p.add_argument('--dataset', default=None, choices=sorted(DATASETS), help='default: the checkpoint\'s dataset')
-    p.add_argument('--data-root', default=None, help='dataset folder (mmseg layout); default: the checkpoint\'s')
+    p.add_argument('--dataset', default=None, choices=sorted(DATASETS), help="default: the checkpoint's dataset")
+    p.add_argument('--data-root', default=None, help="dataset folder (mmseg layout); default: the checkpoint's")
     p.add_argument('--split', default='val')
     p.add_argument('--pretrained', default=None, help='override where the frozen CLIP weights are read from')
     p.add_argument('--mode', default='slide', choices=['slide', 'whole'])
-    p.add_argument('--crop', type=int, default=None, help='window size (default: the dataset\'s crop, 512)')
+    p.add_argument('--crop', type=int, default=None, help="window size (default: the dataset's crop, 512)")
     p.add_argument('--stride', type=int, default=None, help='window stride (default: 426/512 of the crop)')
-    p.add_argument('--calibration', type=float, default=None, help='seen-score calibration (default: DESIGN §7 rule)')
+    p.add_argument('--calibration', type=float, default=None,
+                   help='seen-score calibration (default: 0.1 for inductive evaluation on the training dataset, else 0)')
     p.add_argument('--trusty-weighting', default='auto', choices=['auto', 'on', 'off'],
                    help='Eq. 12 weighting by the trusty map (auto: on unless cross-dataset)')
-    p.add_argument('--templates', default=None, choices=['single', 'ensemble'], help='default: the dataset\'s')
-    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
+    p.add_argument('--workers', type=int, default=4, help='data loader processes per rank')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA')
     p.add_argument('--out', default=None, help='write the metrics JSON here')
     args = p.parse_args()
 
     rank, world, device = setup_distributed()
-    ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
-    name = args.dataset or ckpt['classes']['dataset']
-    info = DATASETS[name]
-    root = args.data_root or ckpt['args']['data_root']
-    model = TagCLIP.from_checkpoint(ckpt, args.pretrained).to(device)
-    dataset = build_dataset(name, root, args.split, eval_transform(model.mean, model.std, info.eval_short))
-    seen, calibration, same = inference_defaults(ckpt, name, info.classes)
-    crop = args.crop or info.crop
-    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
-           'auto': torch.bfloat16 if device.type == 'cuda' else None}[args.amp]
-    metrics = evaluate(model, dataset, info.classes, seen, templates=args.templates or info.templates,
-                       workers=args.workers, mode=args.mode, crop=crop, stride=args.stride or round(crop * 426 / 512),
-                       calibration=calibration if args.calibration is None else args.calibration,
-                       trusty_weighting={'auto': same, 'on': True, 'off': False}[args.trusty_weighting],
-                       polarity=ckpt['polarity'], amp=amp)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_root, args.split, args.pretrained,
+                                      args.mode, args.crop, args.stride, args.calibration, args.trusty_weighting,
+                                      args.templates, args.workers, args.amp, device)
+    except (DatasetError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
     if rank == 0:
         print(format_table(metrics))
         if args.out:

@@ -48,6 +48,7 @@ class TagCLIPConfig:
     trusty: bool = True                 # trusty token t_A; False = ZegCLIP (no token, no self-attention)
     trusty_learner: bool = True         # self-attention across the C+1 queries (Eq. 5); needs trusty
     prompt_dropout: float = 0.1
+    dropout: float = 0.1                # decoder: attention weights, residual branches, FFN
     templates: str = 'single'           # 'single' or 'ensemble' (DESIGN §1)
 
 
@@ -142,8 +143,8 @@ class TagCLIP(nn.Module):
         # §3-5 decoder: trusty token, relationship descriptor, Trusty Learner, ATM layers
         self.trusty_token = nn.Parameter(torch.empty(1, d)) if cfg.trusty else None  # t_A, (1, d)
         self.descriptor = nn.Linear(2 * d, d)  # Eq. 4
-        self.trusty_learner = TrustyLearner(d, cfg.heads) if cfg.trusty and cfg.trusty_learner else None
-        self.decoder = nn.ModuleList(ATMLayer(d, cfg.heads) for _ in range(cfg.decoder_layers))
+        self.trusty_learner = TrustyLearner(d, cfg.heads, cfg.dropout) if cfg.trusty and cfg.trusty_learner else None
+        self.decoder = nn.ModuleList(ATMLayer(d, cfg.heads, cfg.dropout) for _ in range(cfg.decoder_layers))
         for p in self.decoder_parameters():  # §11: Xavier-uniform on every >1-dim decoder parameter
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)

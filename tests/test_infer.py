@@ -1,0 +1,194 @@
+"""infer.py: a folder of odd images (sizes, modes, EXIF, 16 bit, corrupt files) -> label maps, overlays,
+summary; restart does no model work; arbitrary vocabularies; the geometry is evaluate.py's."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+import infer
+import train
+from torchvision import tv_tensors
+
+from data import eval_transform
+from evaluate import predict
+from model import TagCLIP
+from tests.conftest import TINY_CLIP
+from toy import generate_world
+
+REPO = Path(__file__).resolve().parents[1]
+# input file -> (W, H) as displayed (EXIF orientation applied)
+GOOD = {'rotated.jpg': (70, 90), 'grey.png': (50, 40), 'cmyk.jpg': (40, 30), 'palette.gif': (45, 36),
+        'sub/alpha.png': (64, 64), 'sub/deep/gradient16.png': (33, 47)}
+BAD = {'broken.jpg', 'notes.txt'}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The tiny model is faster on one thread, and much faster when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    """A 1-step toy-world checkpoint written by train.py. Its frozen CLIP is conftest's tiny one, saved
+    to a file: the weights a checkpoint does not hold must be the same in every process."""
+    root, out = tmp_path_factory.mktemp('toy'), tmp_path_factory.mktemp('run')
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model('tiny_test_clip').state_dict(), out / 'clip.pt')
+    generate_world(root, n_train=4, n_val=1, seed=0)
+    train.main(['--dataset', 'toy', '--data-root', str(root), '--toy-images', '4', '1', '--clip-model', 'tiny_test_clip',
+                '--pretrained', str(out / 'clip.pt'), '--n-prompts', '2', '--heads', '4', '--workers', '0',
+                '--out-dir', str(out), '--batch-size', '2', '--iters', '1', '--warmup', '1', '--no-eval'])
+    return out / 'last.pt'
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp('photos')
+    (d / 'sub' / 'deep').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display, so 90 x 70 stored is 70 x 90 shown
+    rgb(90, 70).save(d / 'rotated.jpg', exif=exif)
+    rgb(50, 40).convert('L').save(d / 'grey.png')
+    rgb(40, 30).convert('CMYK').save(d / 'cmyk.jpg')
+    rgb(45, 36).convert('P').save(d / 'palette.gif')
+    Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)).save(d / 'sub' / 'alpha.png')
+    Image.fromarray(np.linspace(0, 65535, 47 * 33).reshape(47, 33).astype(np.uint16)).save(d / 'sub' / 'deep' / 'gradient16.png')
+    jpeg = io.BytesIO()
+    rgb(80, 60).save(jpeg, 'JPEG')
+    (d / 'broken.jpg').write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (d / 'notes.txt').write_text('not an image\n')
+    return d
+
+
+def run(ckpt, photos, out, *extra):
+    return infer.main(['--checkpoint', str(ckpt), '--input', str(photos), '--output', str(out), *extra])
+
+
+@pytest.fixture(scope='module')
+def first(ckpt, photos, tmp_path_factory):
+    """infer.py run as a script (its exit code: 0 despite the two bad files), the tiny CLIP registered first."""
+    out, cfg = tmp_path_factory.mktemp('out'), tmp_path_factory.mktemp('cfg') / 'tiny_test_clip.json'
+    cfg.write_text(json.dumps(TINY_CLIP))
+    script = ("import runpy, sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+              "sys.argv = ['infer.py'] + sys.argv[2:]; runpy.run_path('infer.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, '-c', script, str(cfg), '--checkpoint', str(ckpt), '--input', str(photos),
+                           '--output', str(out)], cwd=REPO, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    return out, proc
+
+
+def test_folder_of_odd_images(first):
+    out, proc = first
+    assert proc.returncode == 0, proc.stderr
+    skips = [l for l in proc.stderr.splitlines() if l.startswith('skip ')]
+    assert sorted(l.split(':')[0].rsplit('/', 1)[1] for l in skips) == sorted(BAD)  # one line per bad file
+    summary = json.loads((out / 'summary.json').read_text())
+    assert {s['file'] for s in summary['skipped']} == BAD
+    assert set(summary['images']) == set(GOOD) and summary['processed'] == len(GOOD)
+    C = len(summary['vocabulary'])
+    assert C == 25 and sum(not v['seen'] for v in summary['vocabulary']) == 6  # the toy's unseen classes
+    for rel, size in GOOD.items():
+        stem = out / Path(rel).with_suffix('')
+        label = Image.open(f'{stem}.png')
+        assert label.mode == 'P' and label.size == size, rel
+        values = np.asarray(label)
+        assert values.max() < C
+        assert Image.open(f'{stem}_overlay.jpg').size[1] >= size[1]
+        fr = summary['images'][rel]['fractions']
+        assert sum(fr.values()) == pytest.approx(1, abs=1e-4)
+        names = [v['name'] for v in summary['vocabulary']]
+        assert fr == pytest.approx({names[k]: (values == k).mean() for k in np.unique(values)}, abs=1e-6)
+    assert not list(out.rglob('*.tmp'))
+
+
+def test_restart_does_no_model_work(first, ckpt, photos, monkeypatch, capsys):
+    out, _ = first
+    before = json.loads((out / 'summary.json').read_text())
+    calls = []
+    monkeypatch.setattr(infer, 'predict', lambda *a, **k: calls.append(1) or predict(*a, **k))
+    summary = run(ckpt, photos, out)
+    assert calls == [] and f'0 processed, {len(GOOD)} up to date' in capsys.readouterr().out
+    assert summary['images'] == before['images'] and {s['file'] for s in summary['skipped']} == BAD
+    (out / 'sub' / 'alpha_overlay.jpg').unlink()  # as if interrupted before this output: only it is redone
+    summary = run(ckpt, photos, out)
+    assert len(calls) == 1 and summary['processed'] == 1 and summary['images'] == before['images']
+    with pytest.raises(SystemExit, match='another vocabulary'):  # old label maps would mean other classes
+        run(ckpt, photos, out, '--classes', 'cat,dog')
+    summary = run(ckpt, photos, out, '--overwrite')
+    assert len(calls) == 1 + len(GOOD) and summary['images'] == before['images']
+
+
+def test_label_map_is_evaluate_argmax(first, ckpt, photos):
+    """The label map equals the argmax of evaluate.predict at the original size (the brief's geometry)."""
+    out, _ = first
+    c = torch.load(ckpt, weights_only=True)
+    model = TagCLIP.from_checkpoint(c).eval()
+    names = c['classes']['names']
+    seen = torch.tensor([n in c['classes']['seen'] for n in names])
+    for rel in ('rotated.jpg', 'sub/deep/gradient16.png'):
+        rgb = infer.load_rgb(photos / rel)
+        image, _ = eval_transform(model.mean, model.std, 64)(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1)), tv_tensors.Mask(torch.zeros(1, 1)))
+        scores = predict(model, image, model.encode_text(names), seen, rgb.shape[:2], crop=64, stride=53,
+                         calibration=0.0, trusty_weighting=True, polarity=c['polarity'])
+        expected = scores[:len(names)].argmax(0).numpy()
+        assert np.array_equal(np.asarray(Image.open(out / Path(rel).with_suffix('.png'))), expected)
+
+
+def test_image_modes(photos):
+    a = np.asarray(Image.open(photos / 'sub' / 'deep' / 'gradient16.png')).astype(np.float64)
+    g = infer.load_rgb(photos / 'sub' / 'deep' / 'gradient16.png')  # 16 bit: scaled, not clipped
+    assert g.dtype == np.uint8 and g.shape == (47, 33, 3) and g.max() == 255 and g.min() == 0
+    assert np.array_equal(g[..., 0], np.round(a / 257).astype(np.uint8))
+    assert infer.load_rgb(photos / 'rotated.jpg').shape == (90, 70, 3)  # EXIF orientation applied
+    assert infer.load_rgb(photos / 'cmyk.jpg').shape == (30, 40, 3)
+    rgba = np.zeros((2, 2, 4), np.uint8)  # fully transparent black -> the white background
+    assert (infer.load_rgb(io.BytesIO(png_bytes(Image.fromarray(rgba)))) == 255).all()
+
+
+def png_bytes(img):
+    b = io.BytesIO()
+    img.save(b, 'PNG')
+    return b.getvalue()
+
+
+def test_any_vocabulary_and_trusty_maps(ckpt, photos, tmp_path, capsys):
+    summary = run(ckpt, photos / 'grey.png', tmp_path, '--classes', 'cat, RED SOLID,red striped ,sofa', '--save-trusty')
+    assert summary['vocabulary'] == [{'name': 'cat', 'seen': False}, {'name': 'RED SOLID', 'seen': True},
+                                     {'name': 'red striped', 'seen': False}, {'name': 'sofa', 'seen': False}]
+    assert 'unseen (not trained on): cat, red striped, sofa' in capsys.readouterr().out
+    assert np.asarray(Image.open(tmp_path / 'grey.png')).max() < 4
+    heat = Image.open(tmp_path / 'grey_trusty.png')
+    assert heat.size == (50, 40) and heat.mode == 'RGB'
+    assert infer.heatmap(np.array([[0.0, 1.0]])).tolist() == [[[68, 1, 84], [253, 231, 37]]]
+    (tmp_path / 'names.txt').write_text('cat\n\nsofa\n')
+    summary = run(ckpt, photos / 'grey.png', tmp_path / 'f', '--classes-file', str(tmp_path / 'names.txt'))
+    assert [v['name'] for v in summary['vocabulary']] == ['cat', 'sofa']
+    with pytest.raises(SystemExit, match='duplicate class names: Cat, cat'):
+        run(ckpt, photos / 'grey.png', tmp_path / 'd', '--classes', 'cat,Cat')
+
+
+def test_one_line_errors(ckpt, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / 'a.txt').write_text('x')
+    (tmp_path / 'junk' / 'b.png').write_bytes(b'\x89PNG not really')
+    cases = [(tmp_path / 'nowhere', 'no such file or folder'), (tmp_path / 'empty', 'empty folder'),
+             (tmp_path / 'junk', 'none of the 2 files could be segmented')]
+    for path, message in cases:
+        with pytest.raises(SystemExit, match=message) as e:
+            run(ckpt, path, tmp_path / 'out')
+        assert isinstance(e.value.code, str) and '\n' not in e.value.code  # exit status 1, one line

@@ -1,0 +1,183 @@
+"""train.py: overfitting, exact resume, DDP gradient averaging, transductive switch, bad input."""
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+from losses import SetCriterion
+from model import TagCLIP, TagCLIPConfig
+from tests.conftest import TINY_CLIP
+from toy import generate_world
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp('toy')
+    generate_world(root, n_train=16, n_val=4, seed=0)
+    return root
+
+
+def argv(world, out, *extra):
+    return ['--dataset', 'toy', '--data-root', str(world), '--toy-images', '16', '4', '--clip-model', 'tiny_test_clip',
+            '--pretrained', 'none', '--n-prompts', '2', '--heads', '4', '--workers', '0', '--out-dir', str(out),
+            '--warmup', '2', '--log-every', '1', *extra]
+
+
+def final_weights(out):
+    return torch.load(Path(out) / 'last.pt', weights_only=True)['model']
+
+
+def test_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4)).train()
+    crit = SetCriterion(trusty=True)
+    opt = torch.optim.AdamW(model.param_groups(1e-3, 0.01))
+    label = torch.full((2, 64, 64), 255)
+    label[0, :32], label[0, 32:, :40], label[1, :, 20:] = 0, 1, 2
+    unseen = torch.zeros_like(label, dtype=torch.bool)
+    unseen[1, :, :20] = True
+    colours = torch.tensor([[2.0, -1, -1], [-1, 2, -1], [-1, -1, 2], [0, 0, 0]])  # one per class, grey background
+    images = colours[torch.where(label == 255, 3, label)].permute(0, 3, 1, 2) + 0.3 * torch.randn(2, 3, 64, 64)
+    text = model.encode_text(['red', 'green', 'blue'])
+    losses = []
+    for _ in range(100):
+        loss = crit(model(images, text), label, unseen)['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.35 * losses[0], losses
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(model.eval()(images, text)['pred_masks'], size=(64, 64), mode='bilinear')
+    assert (logits[:, :3].argmax(1) == label)[label != 255].float().mean() > 0.9
+
+
+def test_resume_is_exact(world, tmp_path, monkeypatch):
+    train.main(argv(world, tmp_path / 'unbroken', '--iters', '6', '--eval-every', '3'))
+    save = train.save_checkpoint
+
+    def save_then_die(path, **state):  # the run is killed right after its step-3 checkpoint
+        save(path, **state)
+        if state['step'] == 3 and Path(path).name == 'last.pt':
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(world, tmp_path / 'broken', '--iters', '6', '--eval-every', '3'))
+    monkeypatch.setattr(train, 'save_checkpoint', save)
+    assert torch.load(tmp_path / 'broken' / 'last.pt', weights_only=True)['step'] == 3
+    metrics = train.main(argv(world, tmp_path / 'broken', '--iters', '6', '--eval-every', '3', '--resume', 'auto'))
+    a, b = final_weights(tmp_path / 'unbroken'), final_weights(tmp_path / 'broken')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics is not None and (tmp_path / 'broken' / 'metrics.json').exists()
+    assert (tmp_path / 'broken' / 'best.pt').exists()
+    log = [json.loads(l) for l in (tmp_path / 'broken' / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in log if 'loss' in r] == [1, 2, 3, 4, 5, 6]
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """Saves the gradients it sees at its first step to $GRAD_FILE (with the rank in the name)."""
+
+    def step(self, *a, **k):
+        if not getattr(self, 'recorded', False):
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]]
+            torch.save(grads, os.environ['GRAD_FILE'].format(rank=os.environ.get('RANK', 0)))
+            self.recorded = True
+        return super().step(*a, **k)
+
+
+def _ddp_worker(rank, port, cfg_file, args):
+    import open_clip
+    open_clip.add_model_config(cfg_file)
+    torch.set_num_threads(1)
+    torch.optim.AdamW = RecordingAdamW
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    train.main(args)
+
+
+def test_two_ranks_equal_one_with_double_batch(world, tmp_path, monkeypatch):
+    common = ['--iters', '3', '--eval-every', '3', '--no-eval', '--dropout', '0', '--prompt-dropout', '0']
+    cfg_file = tmp_path / 'tiny_test_clip.json'
+    cfg_file.write_text(json.dumps(TINY_CLIP))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv('GRAD_FILE', str(tmp_path / 'ddp-grads-{rank}.pt'))
+    mp.spawn(_ddp_worker, args=(port, str(cfg_file), argv(world, tmp_path / 'ddp', '--batch-size', '4', *common)),
+             nprocs=2, join=True)
+    monkeypatch.setenv('GRAD_FILE', str(tmp_path / 'single-grads.pt'))
+    monkeypatch.setattr(torch.optim, 'AdamW', RecordingAdamW)
+    train.main(argv(world, tmp_path / 'single', '--batch-size', '4', *common))
+    # the first step's gradients: each rank holds the average over both ranks = the batch-of-4 gradient
+    g0, g1, g = (torch.load(tmp_path / f, weights_only=True) for f in ('ddp-grads-0.pt', 'ddp-grads-1.pt', 'single-grads.pt'))
+    assert all(torch.equal(x, y) for x, y in zip(g0, g1))
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(g0, g))
+    # weights after 3 AdamW steps: Adam normalises the ~1e-9 gradients of a few biases, whose rounding
+    # differs between the runs, into steps of up to lr (~4e-4) — hence the tolerance
+    a, b = final_weights(tmp_path / 'ddp'), final_weights(tmp_path / 'single')
+    assert all(torch.allclose(a[k], b[k], atol=4e-4) for k in a)
+    before = TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4))
+    assert not torch.allclose(before.prompts, a['prompts'], atol=1e-3)  # training did move the weights
+
+
+def test_transductive_switch_and_pseudo_labels(world, tmp_path, monkeypatch):
+    vocab_sizes = []
+    forward = SetCriterion.forward
+    monkeypatch.setattr(SetCriterion, 'forward', lambda self, out, *a: vocab_sizes.append(out['pred_masks'].shape[1]) or forward(self, out, *a))
+    train.main(argv(world, tmp_path / 't', '--setting', 'transductive', '--iters', '4', '--no-eval', '--trusty', 'on'))
+    assert vocab_sizes == [19 + 1] * 2 + [25 + 1] * 2  # 19 seen classes first, all 25 from step iters/2
+
+    logits = torch.zeros(1, 4, 1, 3)
+    logits[0, 1, 0, :] = torch.tensor([5.0, -5.0, 5.0])   # unseen class 1
+    logits[0, 2, 0, :] = torch.tensor([-5.0, 5.0, -5.0])  # unseen class 2
+    logits[0, 0, 0, :] = 9.0                              # a seen class scores highest everywhere
+    label = torch.tensor([[[255, 255, 0]]])
+    unseen = torch.tensor([[[True, True, False]]])
+    assert train.pseudo_label(logits, label, unseen, [1, 2]).tolist() == [[[1, 2, 0]]]
+    label = torch.tensor([[[255, 0, 255]]])
+    unseen = torch.tensor([[[False, False, True]]])       # plain 255 stays 255, seen labels stay
+    assert train.pseudo_label(logits, label, unseen, [1, 2]).tolist() == [[[255, 0, 1]]]
+
+
+def test_lr_schedule_warmup_and_poly():
+    args = train.get_args(['--iters', '100', '--warmup', '10', '--lr', '1e-3', '--min-lr', '1e-6'])
+    f = train.lr_lambda(args)
+    assert f(0) == pytest.approx(1e-6 * ((1 - 1e-3) + 1e-3), rel=1e-6)
+    assert f(5) == pytest.approx((1 - 0.5 * (1 - 1e-6)) * ((0.95 ** 0.9) * (1 - 1e-3) + 1e-3))
+    assert f(100) == pytest.approx(1e-3)  # min_lr / lr
+
+
+def test_bad_input_fails_early(world, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match='VOC2012'):
+        train.main(['--dataset', 'voc', '--data-root', str(tmp_path / 'nowhere'), '--pretrained', 'none',
+                    '--clip-model', 'tiny_test_clip', '--heads', '4', '--out-dir', str(tmp_path / 'v')])
+    with pytest.raises(SystemExit, match='does not divide'):
+        monkeypatch.setenv('RANK', '0')
+        monkeypatch.setattr(train, 'setup_distributed', lambda: (0, 3, torch.device('cpu')))
+        train.main(argv(world, tmp_path / 'd', '--batch-size', '4'))
+    monkeypatch.undo()
+    train.main(argv(world, tmp_path / 'a', '--iters', '1', '--eval-every', '1', '--no-eval'))
+    with pytest.raises(SystemExit, match='another model config'):
+        train.main(argv(world, tmp_path / 'b', '--iters', '1', '--no-trusty', '--init-from', str(tmp_path / 'a' / 'last.pt')))
+    with pytest.raises(SystemExit, match='checkpoint not found'):
+        train.main(argv(world, tmp_path / 'b', '--resume', str(tmp_path / 'missing.pt')))
+
+
+def test_non_finite_loss_stops_with_the_term(world, tmp_path, monkeypatch):
+    forward = SetCriterion.forward
+
+    def broken(self, *a):
+        out = forward(self, *a)
+        out['loss_dice'] = out['loss_dice'] * float('nan')
+        return out
+
+    monkeypatch.setattr(SetCriterion, 'forward', broken)
+    with pytest.raises(SystemExit, match=r'step 0: non-finite loss_dice'):
+        train.main(argv(world, tmp_path / 'n', '--iters', '2', '--no-eval'))

@@ -1,0 +1,398 @@
+"""Train TagCLIP (paper §3-4, DESIGN §6 and §8). Same code on one CPU and on N GPUs:
+
+    python train.py                                   # offline toy world: train, evaluate, print hIoU
+    torchrun --nproc_per_node 8 train.py --dataset voc --data-root data/VOCdevkit/VOC2012
+
+Settings: inductive zero-shot (default; unseen pixels ignored, vocabulary = seen classes),
+transductive (second half self-trains on pseudo labels for the masked unseen pixels), fully
+supervised. Checkpoints are plain dicts written atomically on rank 0; `--resume auto` continues
+exactly where a run stopped.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
+from evaluate import evaluate, format_table, is_main, setup_distributed
+from losses import SetCriterion
+from model import TagCLIP, TagCLIPConfig
+
+# the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
+TOY_DEFAULTS = dict(batch_size=16, lr=1e-3, warmup=100, eval_every=500)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group('data').add_argument
+    a('--dataset', default='toy', choices=sorted(DATASETS))
+    a('--data-root', default=None, help="dataset folder in the mmseg layout (toy: generated under data/toy)")
+    a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'])
+    a('--out-dir', default=None, help='default: runs/<dataset>-<setting>')
+    a('--workers', type=int, default=4, help='data loader processes per rank')
+    a('--crop', type=int, default=None, help="train crop (default: the dataset's, 512)")
+    a('--ratio-range', type=float, nargs=2, default=(0.5, 2.0), help='random rescale ratio')
+    a('--cat-max-ratio', type=float, default=0.75, help='crop retries while one class covers more')
+    a = p.add_argument_group('model').add_argument
+    a('--clip-model', default=None, help="open_clip ViT (default ViT-B-16; toy: toy_clip)")
+    a('--pretrained', default=None,
+      help="open_clip tag, checkpoint file or 'none' (random) (default openai; toy: pretrained here)")
+    a('--n-prompts', type=int, default=None, help="deep prompts per layer (default: 10, COCO-Stuff 100)")
+    a('--decoder-layers', type=int, default=3)
+    a('--heads', type=int, default=8)
+    a('--dropout', type=float, default=0.1, help='decoder dropout')
+    a('--prompt-dropout', type=float, default=0.1)
+    a('--trusty', default='auto', choices=['auto', 'on', 'off'],
+      help='trusty token (auto: on, except VOC transductive and fully supervised VOC/toy)')
+    a('--no-trusty', dest='trusty', action='store_const', const='off', help='= --trusty off: exactly ZegCLIP')
+    a('--no-trusty-learner', action='store_true', help='keep the token, drop the self-attention (Tab. 1b)')
+    a('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
+    a = p.add_argument_group('loss').add_argument
+    a('--trusty-loss', default='focal', choices=['focal', 'dice'], help="focal: authors' code; dice: paper Eq. 10")
+    a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
+    a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
+    a('--weight-focal', type=float, default=20.0)
+    a('--weight-dice', type=float, default=1.0)
+    a('--weight-trusty', type=float, default=10.0)
+    a = p.add_argument_group('optimisation').add_argument
+    a('--iters', type=int, default=None, help="default: VOC 20k, COCO-Stuff 80k, toy 1.5k")
+    a('--batch-size', type=int, default=None, help='global batch, split over ranks (default 16)')
+    a('--lr', type=float, default=None, help='AdamW lr for every trainable parameter (default 2e-4; toy 1e-3)')
+    a('--weight-decay', type=float, default=0.01)
+    a('--exempt-norms', action='store_true', help='no weight decay on norms, biases, prompts, t_A')
+    a('--warmup', type=int, default=None, help='linear warm-up iterations (default 1500; toy 100)')
+    a('--warmup-ratio', type=float, default=1e-6)
+    a('--poly-power', type=float, default=0.9)
+    a('--min-lr', type=float, default=1e-6)
+    a('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA, off on CPU')
+    a('--seed', type=int, default=0)
+    a = p.add_argument_group('run').add_argument
+    a('--eval-every', type=int, default=None, help='evaluate and checkpoint every N steps (default 2000; toy 500)')
+    a('--log-every', type=int, default=20)
+    a('--resume', default=None, help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
+    a('--init-from', default=None, help='start from these weights with a fresh schedule (two-stage transductive)')
+    a('--calibration', type=float, default=None, help='seen-score calibration at evaluation (default: 0.1 inductive)')
+    a('--no-eval', action='store_true', help='skip evaluation (checkpoints only)')
+    a('--toy-clip-steps', type=int, default=None, help='toy world: tiny CLIP pretraining steps')
+    a('--toy-images', type=int, nargs=2, default=(5000, 500), help='toy world: train and val images')
+    a('--toy-seed', type=int, default=0, help='toy world: seed of the generated images and of the tiny CLIP')
+    args = p.parse_args(argv)
+    return fill_defaults(args)
+
+
+def fill_defaults(args):
+    info = DATASETS[args.dataset]
+    toy = args.dataset == 'toy'
+    dflt = {'batch_size': 16, 'lr': 2e-4, 'warmup': 1500, 'eval_every': 2000, **(TOY_DEFAULTS if toy else {}),
+            'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts, 'templates': info.templates,
+            'clip_model': 'toy_clip' if toy else 'ViT-B-16', 'out_dir': f'runs/{args.dataset}-{args.setting}',
+            'data_root': 'data/toy' if toy else None}
+    for k, v in dflt.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.trusty == 'auto':
+        off = (args.setting == 'transductive' and args.dataset == 'voc') or \
+              (args.setting == 'fully' and args.dataset != 'coco_stuff')
+        args.trusty = 'off' if off else 'on'
+    if args.data_root is None:
+        raise SystemExit(f'--data-root is required for --dataset {args.dataset}')
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+class TrainSampler(torch.utils.data.Sampler):
+    """Endless DistributedSampler stream of (epoch, index) from a given step on: set_epoch every
+    epoch, every rank a disjoint share, and resuming at step k yields exactly what an unbroken run
+    would have yielded after step k."""
+
+    def __init__(self, dataset, rank, world, seed, batch_per_rank, start_step=0):
+        self.inner = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = start_step * batch_per_rank
+
+    def __iter__(self):
+        epoch, offset = divmod(self.skip, len(self.inner))
+        while True:
+            self.inner.set_epoch(epoch)
+            for i, idx in enumerate(self.inner):
+                if i >= offset:
+                    yield epoch, idx
+            epoch, offset = epoch + 1, 0
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Seeds the augmentation of each sample by (seed, epoch, index): the same crop and flip whatever
+    the worker, the world size or a resume."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __getitem__(self, key):
+        epoch, idx = key
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG (dropout) untouched
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + idx)
+            sample = self.dataset[idx]
+        return sample['image'], sample['label']
+
+
+def class_split(args):
+    """(training dataset's class names, unseen names) for the setting; fully supervised: none unseen."""
+    info = DATASETS[args.dataset]
+    return list(info.classes), ([] if args.setting == 'fully' else list(info.unseen))
+
+
+def label_luts(classes, unseen, vocabulary, device):
+    """256-entry lookups from dataset label ids: to vocabulary ids (255 where not in it), and is-unseen."""
+    to_vocab = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
+    is_unseen = torch.zeros(256, dtype=torch.bool)
+    for i, name in enumerate(classes):
+        if name in vocabulary:
+            to_vocab[i] = vocabulary.index(name)
+        is_unseen[i] = name in unseen
+    return to_vocab.to(device), is_unseen.to(device)
+
+
+def vocabulary_at(step, args):
+    """'seen' classes only; in the transductive setting 'all' classes from the half-way step on."""
+    return 'all' if args.setting == 'transductive' and step >= args.iters // 2 else 'seen'
+
+
+@torch.no_grad()
+def pseudo_label(pred_masks, label, unseen, unseen_ids):
+    """Transductive self-training (ZegCLIP): pixels masked because they belong to an unseen class get
+    the argmax over the unseen classes of the current detached scores; all other pixels are kept.
+    pred_masks (B, C[+1], h, w), label (B, H, W) in the full vocabulary with unseen pixels = 255."""
+    logits = F.interpolate(pred_masks.float(), size=label.shape[-2:], mode='bilinear', align_corners=False)
+    ids = torch.as_tensor(unseen_ids, device=label.device)
+    best = ids[logits[:, ids].argmax(1)]                                # (B, H, W)
+    return torch.where(unseen, best, label)
+
+
+def prepare_toy(args, rank, world):
+    """Rank 0 generates the toy world and pretrains its tiny CLIP (both cached on disk); the other
+    ranks wait. Unless --pretrained is given, the model starts from that CLIP."""
+    import toy
+    steps = args.toy_clip_steps or toy.CLIP_STEPS
+    if rank == 0:
+        if args.pretrained is None:
+            toy.prepare(args.data_root, steps, *args.toy_images, seed=args.toy_seed)
+        else:
+            toy.generate_world(args.data_root, *args.toy_images, seed=args.toy_seed)
+    if world > 1:
+        dist.barrier()
+    if args.pretrained is None:
+        args.pretrained = str(toy.clip_path(args.data_root, steps, args.toy_seed).resolve())
+
+
+# ----------------------------------------------------------------------------- schedule, checkpoints
+
+def lr_lambda(args):
+    """Poly decay (power 0.9) to min_lr, times mmcv's linear warm-up from warmup_ratio."""
+    def f(step):
+        poly = (1 - step / args.iters) ** args.poly_power * (1 - args.min_lr / args.lr) + args.min_lr / args.lr
+        warm = 1 - (1 - step / args.warmup) * (1 - args.warmup_ratio) if step < args.warmup else 1.0
+        return poly * warm
+    return f
+
+
+def save_checkpoint(path, **state):
+    """Rank 0 only; temp file + os.replace so a crash never leaves a half-written checkpoint."""
+    if not is_main():
+        return
+    tmp = f'{path}.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg):
+    """Loads `path` and checks it was made for the same model config; one-line error otherwise."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'checkpoint not found: {path}')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    theirs = {k: v for k, v in ckpt['config'].items() if k != 'pretrained'}
+    ours = {k: v for k, v in asdict(cfg).items() if k != 'pretrained'}
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    if diff:
+        raise SystemExit(f'{path}: made for another model config (checkpoint vs now: {diff})')
+    return ckpt
+
+
+def rng_state():
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    if torch.cuda.is_available() and state['cuda']:
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed()
+    if args.batch_size % world:
+        raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
+    if args.dataset == 'toy':
+        prepare_toy(args, rank, world)
+    args.pretrained = args.pretrained or 'openai'
+    pretrained = None if args.pretrained == 'none' else args.pretrained
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    out_dir = Path(args.out_dir)
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    classes, unseen = class_split(args)
+    seen = [c for c in classes if c not in unseen]
+    cfg = TagCLIPConfig(clip_model=args.clip_model, pretrained=pretrained, n_prompts=args.n_prompts,
+                        decoder_layers=args.decoder_layers, heads=args.heads, trusty=args.trusty == 'on',
+                        trusty_learner=not args.no_trusty_learner, prompt_dropout=args.prompt_dropout,
+                        dropout=args.dropout, templates=args.templates)
+    resume = str(out_dir / 'last.pt') if args.resume == 'auto' else args.resume
+    if resume and args.resume == 'auto' and not os.path.isfile(resume):
+        resume = None  # nothing to resume yet: a fresh run
+    ckpt = load_checkpoint(resume or args.init_from, cfg) if (resume or args.init_from) else None
+    try:  # a bad root or split file fails here, before any long work
+        train_set = build_dataset(args.dataset, args.data_root, 'train')
+        val_set = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val')
+    except DatasetError as e:
+        raise SystemExit(f'error: {e}') from None
+
+    model = TagCLIP(cfg).to(device)
+    criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
+                             args.weight_focal, args.weight_dice, args.weight_trusty)
+    optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
+           'auto': torch.bfloat16 if device.type == 'cuda' else None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    step, best = 0, -math.inf
+    if ckpt is not None:
+        model.load_trainable_state_dict(ckpt['model'])
+        if resume:
+            optimizer.load_state_dict(ckpt['optimizer'])
+            scheduler.load_state_dict(ckpt['scheduler'])
+            scaler.load_state_dict(ckpt['scaler'])
+            step, best = ckpt['step'], ckpt['best']
+            set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
+    # (only its mask logits do, as in the authors' code); the same parameters are unused every step
+    ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
+
+    per_rank = args.batch_size // world
+    transform = train_transform(model.mean, model.std, args.crop, scale=(4 * args.crop, args.crop),
+                                ratio_range=tuple(args.ratio_range), cat_max_ratio=args.cat_max_ratio)
+    train_set.transform = transform
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(train_set, args.seed), batch_size=per_rank, num_workers=args.workers,
+        sampler=TrainSampler(train_set, rank, world, args.seed, per_rank, step), drop_last=True,
+        pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
+        generator=torch.Generator())  # keeps the global RNG (dropout) independent of the loader
+    if val_set is not None:
+        val_set.transform = eval_transform(model.mean, model.std, DATASETS[args.dataset].eval_short)
+
+    text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
+    luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
+    unseen_ids = [classes.index(c) for c in unseen]
+
+    def run_eval():
+        m = evaluate(model, val_set, classes, [c in seen for c in classes], workers=args.workers,
+                     mode='slide', crop=args.crop, stride=round(args.crop * 426 / 512), polarity=criterion.polarity,
+                     calibration=(0.1 if args.setting == 'inductive' else 0.0) if args.calibration is None else args.calibration,
+                     trusty_weighting=True, amp=amp)
+        model.train()
+        return m
+
+    def state(metrics=None):
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return dict(config=asdict(cfg), model=model.trainable_state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step, best=best, rng=rngs,
+                    classes={'dataset': args.dataset, 'names': classes, 'seen': seen, 'unseen': unseen},
+                    setting=args.setting, polarity=criterion.polarity, args=vars(args), metrics=metrics)
+
+    model.train()
+    log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
+    bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
+    metrics, t0 = None, time.time()
+    for images, labels in loader:
+        if step >= args.iters:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        vocab = vocabulary_at(step, args)
+        to_vocab, is_unseen = luts[vocab]
+        label, unseen_px = to_vocab[labels], is_unseen[labels]
+        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+            outputs = ddp(images, text[vocab])
+        if vocab == 'all' and unseen:
+            label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
+        losses = criterion(outputs, label, unseen_px if cfg.trusty else None)
+        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        if bad:
+            raise SystemExit(f'step {step}: non-finite {bad[0]} = {losses[bad[0]].item()}; stopping')
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses['loss']).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.iters:
+            logged = reduce_dict({k: v.detach() for k, v in losses.items()})
+            bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in logged.items()} | {'lr': f'{scheduler.get_last_lr()[0]:.2e}'})
+            if log:
+                log.write(json.dumps({'step': step, 'lr': scheduler.get_last_lr()[0], **logged,
+                                      'it/s': bar.format_dict['n'] / max(time.time() - t0, 1e-9)}) + '\n')
+                log.flush()
+        if step % args.eval_every == 0 or step == args.iters:
+            if val_set is not None:
+                metrics = run_eval()
+                score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
+                if is_main():
+                    tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
+                    log.write(json.dumps({'step': step, 'eval': metrics['summary']}) + '\n')
+                if not score < best:  # NaN (no unseen class in the set) never blocks the first save
+                    best = score
+                    save_checkpoint(out_dir / 'best.pt', **state(metrics))
+            save_checkpoint(out_dir / 'last.pt', **state(metrics))
+    bar.close()
+    if is_main() and metrics is not None:
+        print(format_table(metrics))
+        with open(out_dir / 'metrics.json', 'w') as f:
+            json.dump({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, f, indent=2)
+        print(f'checkpoints and metrics.json in {out_dir}')
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def reduce_dict(losses):
+    """Average logged loss terms over ranks (DETR's reduce_dict); floats on every rank."""
+    if dist.is_initialized():
+        keys = sorted(losses)
+        v = torch.stack([losses[k] for k in keys])
+        dist.all_reduce(v)
+        losses = dict(zip(keys, v / dist.get_world_size()))
+    return {k: v.item() for k, v in losses.items()}
+
+
+if __name__ == '__main__':
+    main()
