@@ -185,10 +185,25 @@ class TagCLIP(nn.Module):
         templates = TEMPLATES[templates or self.cfg.templates]
         device = self.prompts.device
         prompts = [t.format(c) for c in class_names for t in templates]
-        emb = torch.cat([self.clip.encode_text(self.tokenizer(prompts[i:i + chunk]).to(device), normalize=True)
+        emb = torch.cat([self.encode_tokens(self.tokenizer(prompts[i:i + chunk]).to(device))
                          for i in range(0, len(prompts), chunk)])  # (C*T, d)
         emb = emb.view(len(class_names), len(templates), -1).mean(1)  # (C, d)
         return F.normalize(emb.float(), dim=-1)
+
+    def encode_tokens(self, tokens):
+        """CLIP's text tower on (M, 77) tokens -> (M, d), L2-normalised. With the causal mask, the
+        positions after the longest prompt's [EOT] change nothing: they are cut (7x faster for the
+        15-template ensemble, whose prompts have <= 13 tokens)."""
+        c = self.clip
+        if getattr(c, 'text_pool_type', None) != 'argmax' or getattr(c, 'attn_mask', None) is None:
+            return c.encode_text(tokens, normalize=True)  # other text towers: as open_clip runs them
+        eot = tokens.argmax(-1)                            # [EOT] has the largest token id
+        n = int(eot.max()) + 1
+        x = c.token_embedding(tokens[:, :n]).to(c.transformer.get_cast_dtype()) + c.positional_embedding[:n]
+        x = c.ln_final(c.transformer(x, attn_mask=c.attn_mask[:n, :n]))  # (M, n, width)
+        x = x[torch.arange(len(tokens), device=x.device), eot]            # (M, width)
+        x = c.text_projection(x) if isinstance(c.text_projection, nn.Linear) else x @ c.text_projection
+        return F.normalize(x, dim=-1)
 
     def positional_embedding(self, gh: int, gw: int):
         """§11: the pretrained [CLS] + grid positions, the grid interpolated bilinearly to gh x gw."""

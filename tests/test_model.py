@@ -38,6 +38,13 @@ def test_template_ensemble_is_normalised_mean(tiny_cfg):
     assert torch.allclose(text[0], F.normalize(each.mean(0), dim=0), atol=1e-6)
 
 
+def test_truncated_text_tower_equals_open_clip(tiny_cfg):
+    model = TagCLIP(tiny_cfg).eval()
+    tokens = model.tokenizer(['a photo of a cat', 'This is one wall-concrete in the scene.', 'x'])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_tokens(tokens), model.clip.encode_text(tokens, normalize=True), atol=1e-5)
+
+
 def test_only_trainable_parts_change(tiny_cfg):
     torch.manual_seed(0)
     model = TagCLIP(tiny_cfg).train()
