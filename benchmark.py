@@ -48,11 +48,7 @@ def bare_clip(model: TagCLIP, images):
     positions interpolated to the patch grid, ln_pre, the blocks, ln_post and proj on every token.
     No prompts, no prompt LayerNorm, no decoder. Returns (B, 1+N, d)."""
     v = model.clip.visual
-    x = v.conv1(images)                                                    # (B, D, H/p, W/p)
-    B, D, gh, gw = x.shape
-    x = x.flatten(2).transpose(1, 2)                                       # (B, N, D)
-    x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
-    x = v.ln_pre(x + model.positional_embedding(gh, gw).to(x.dtype))
+    x, _ = model.embed_patches(images)                                     # (B, 1+N, D)
     x = v.ln_post(v.transformer(x))
     return x @ v.proj if v.proj is not None else x                         # (B, 1+N, d)
 

@@ -215,14 +215,21 @@ class TagCLIP(nn.Module):
         grid = F.interpolate(grid, size=(gh, gw), mode='bilinear', align_corners=False)
         return torch.cat([pos[:1], grid.flatten(2)[0].T])  # (1 + gh*gw, D)
 
-    def encode_image(self, images):
-        """§2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised."""
+    def embed_patches(self, images):
+        """CLIP's own token embedding: patches, [CLS], interpolated positions, ln_pre.
+        images (B, 3, H, W) -> (B, 1+N, D) and the patch grid (H/p, W/p)."""
         v = self.clip.visual
         x = v.conv1(images)                      # (B, D, H/p, W/p)
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)         # (B, N, D)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
-        x = v.ln_pre(x + self.positional_embedding(gh, gw).to(x.dtype))
+        return v.ln_pre(x + self.positional_embedding(gh, gw).to(x.dtype)), (gh, gw)
+
+    def encode_image(self, images):
+        """§2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised."""
+        v = self.clip.visual
+        x, (gh, gw) = self.embed_patches(images)  # (B, 1+N, D)
+        B, _, D = x.shape
         P = self.prompts.shape[1]
         prompts = self.prompt_proj(self.prompts).to(x.dtype)  # (L, P, D)
         batch_first = getattr(v.transformer, 'batch_first', True)
