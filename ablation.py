@@ -14,8 +14,10 @@ import math
 import os
 from pathlib import Path
 
-from evaluate import evaluate_checkpoint
+import torch
+
 import train
+from evaluate import evaluate_checkpoint
 
 VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
     'ZegCLIP (--no-trusty)': (['--no-trusty'], 'off'),
@@ -30,7 +32,7 @@ COLUMNS = ('mIoU(S)', 'mIoU(U)', 'hIoU', 'pAcc')
 def run(flags, seed, out_dir, extra):
     """Train one variant (or reuse a finished run) and return its last checkpoint."""
     ckpt = Path(out_dir) / 'last.pt'
-    if not ckpt.exists() or train.torch.load(ckpt, weights_only=True)['step'] < train.get_args(extra).iters:
+    if not ckpt.exists() or torch.load(ckpt, weights_only=True)['step'] < train.get_args(extra).iters:
         train.main([*flags, '--seed', str(seed), '--out-dir', str(out_dir), '--resume', 'auto', '--no-eval', *extra])
     return ckpt
 
