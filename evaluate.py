@@ -52,6 +52,12 @@ def is_main():
     return rank_world()[0] == 0
 
 
+def amp_dtype(name: str, device):
+    """The --amp flag as an autocast dtype: 'auto' is bf16 on CUDA and no autocast elsewhere."""
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
+            'auto': torch.bfloat16 if device.type == 'cuda' else None}[name]
+
+
 # ----------------------------------------------------------------------------- inference
 
 def window_grid(h: int, w: int, crop: int, stride: int):
@@ -193,8 +199,7 @@ def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrai
                          eval_transform(model.mean, model.std, info.eval_short))
     seen, default_calibration, same = inference_defaults(ckpt, name, info.classes)
     crop = crop or info.crop
-    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
-           'auto': torch.bfloat16 if device.type == 'cuda' else None}[amp]
+    amp = amp_dtype(amp, device)
     return evaluate(model, data, info.classes, seen, templates=templates or info.templates, workers=workers,
                     progress=progress, mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
                     calibration=default_calibration if calibration is None else calibration,

@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from data import DATASETS, eval_transform
-from evaluate import predict
+from evaluate import amp_dtype, predict
 from model import TEMPLATES, TagCLIP
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -266,8 +266,7 @@ def main(argv=None):
 
     if jobs:
         device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
-        amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
-               'auto': torch.bfloat16 if device.type == 'cuda' else None}[args.amp]
+        amp = amp_dtype(args.amp, device)
         model = TagCLIP.from_checkpoint(ckpt, args.pretrained).to(device).eval()
         text = model.encode_text(names, settings['templates'])  # (C, d), once per run
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import evaluate, format_table, is_main, setup_distributed
+from evaluate import amp_dtype, evaluate, format_table, is_main, setup_distributed
 from losses import SetCriterion
 from model import TagCLIP, TagCLIPConfig
 
@@ -278,8 +278,7 @@ def main(argv=None):
                              args.weight_focal, args.weight_dice, args.weight_trusty)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
-    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
-           'auto': torch.bfloat16 if device.type == 'cuda' else None}[args.amp]
+    amp = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, best = 0, -math.inf
     if ckpt is not None:
