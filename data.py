@@ -408,13 +408,41 @@ def train_transform(mean, std, crop, scale=(2048, 512), ratio_range=(0.5, 2.0), 
     return v2.Compose(steps)
 
 
-def resize_short(image, label, short):
-    """Resize the image only (bilinear, antialiased) so that its short side is exactly `short`."""
-    return F.resize(image, [short], interpolation=v2.InterpolationMode.BILINEAR, antialias=True), label
+def mmseg_test_size(h, w, short):
+    """mmseg's test Resize(keep_ratio=True, min_size=short) (DESIGN §15): the short side becomes exactly
+    `short`, the long side int(long * short / short_side + 0.5), rounded, with no cap (300x1500 -> 512x2560)."""
+    return keep_ratio_size(h, w, (short * max(h, w) / min(h, w), short))  # mmseg's own float steps
 
 
-def eval_transform(mean, std, short):
-    """Eval: short side -> `short`, normalise; the label stays at the original resolution (metrics
-    are computed there). Returns image (3, h', w') float32, label (H, W) int64."""
-    return v2.Compose([partial(resize_short, short=short), v2.ToDtype(torch.float32, scale=True),
+def resize_bilinear(image, size):
+    """cv2 INTER_LINEAR (mmcv's resize): half-pixel centres, no antialiasing, whether it enlarges or
+    shrinks; computed in float32 and rounded back to uint8 (cv2's fixed-point weights can still
+    differ by one grey level on ~12% of the pixels)."""
+    out = F.resize(image.to(torch.float32), list(size), interpolation=v2.InterpolationMode.BILINEAR,
+                   antialias=False)
+    if not image.is_floating_point():
+        out = out.round().clamp(0, 255).to(image.dtype)
+    return tv_tensors.wrap(out, like=image)
+
+
+RESIZES = ('mmseg', 'torchvision')  # eval_transform's `resize` choices
+
+
+def resize_short(image, label, short, resize='mmseg'):
+    """Resize the image only so that its short side is exactly `short`. 'mmseg': mmseg_test_size and
+    resize_bilinear (how the published numbers were computed); 'torchvision': F.resize(image, [short],
+    antialias=True), which truncates the long side and antialiases when shrinking."""
+    if resize == 'torchvision':
+        return F.resize(image, [short], interpolation=v2.InterpolationMode.BILINEAR, antialias=True), label
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZES)}")
+    return resize_bilinear(image, mmseg_test_size(*image.shape[-2:], short)), label
+
+
+
+def eval_transform(mean, std, short, resize='mmseg'):
+    """Eval: short side -> `short` (see resize_short), normalise; the label stays at the original
+    resolution (the scores are resized back and metrics computed there). Returns image (3, h', w')
+    float32, label (H, W) int64."""
+    return v2.Compose([partial(resize_short, short=short, resize=resize), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(mean, std), as_tensors])

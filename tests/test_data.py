@@ -10,7 +10,8 @@ from torchvision import tv_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import (DATASETS, TOY_CLASSES, DatasetError, build_dataset, collate_eval,  # noqa: E402
-                  eval_transform, keep_ratio_size, train_transform)
+                  eval_transform, keep_ratio_size, mmseg_test_size, resize_bilinear, resize_short,
+                  train_transform)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 H, W = 6, 8
@@ -309,11 +310,60 @@ def test_eval_transform():
     image, label = _sample(30, 50, torch.randint(0, 4, (30, 50)))
     image = tv_tensors.Image(torch.full((3, 30, 50), 128, dtype=torch.uint8))
     out, out_label = eval_transform(MEAN, STD, short=16)(image, label)
-    assert out.shape == (3, 16, 26) and out.dtype == torch.float32 and type(out) is torch.Tensor
+    assert out.shape == (3, 16, 27) and out.dtype == torch.float32 and type(out) is torch.Tensor  # 26.67 -> 27
     assert torch.allclose(out, torch.tensor((128 / 255 - 0.5) / 0.25), atol=1e-4)
     assert out_label.dtype == torch.int64 and torch.equal(out_label, label.as_subclass(torch.Tensor))
     tall, _ = eval_transform(MEAN, STD, short=16)(*_sample(50, 30, torch.zeros(50, 30)))
-    assert tall.shape == (3, 26, 16)
+    assert tall.shape == (3, 27, 16)
+    old, _ = eval_transform(MEAN, STD, short=16, resize='torchvision')(image, label)
+    assert old.shape == (3, 16, 26)  # the named old behaviour truncates
+    with pytest.raises(ValueError, match='unknown resize'):
+        eval_transform(MEAN, STD, short=16, resize='cv2')(image, label)
+
+
+def _mmseg_rule(h, w, short):
+    """Independent statement of mmseg's test size: short side = short, long side round-half-up of
+    long * short / short_side (exact rational arithmetic)."""
+    from fractions import Fraction
+    long = int(Fraction(max(h, w) * short, min(h, w)) + Fraction(1, 2))
+    return (short, long) if h <= w else (long, short)
+
+
+@pytest.mark.parametrize('hw', [(375, 500), (500, 333), (300, 1500), (1024, 1366), (500, 375), (333, 500),
+                                (512, 512), (1024, 1025), (281, 500), (480, 640), (427, 640), (640, 426),
+                                (100, 4000), (2000, 3000), (511, 700), (7, 3)])
+def test_mmseg_test_size(hw):
+    assert mmseg_test_size(*hw, 512) == _mmseg_rule(*hw, 512)
+    assert resize_short(tv_tensors.Image(torch.zeros(3, *hw, dtype=torch.uint8)), None, 512)[0].shape[-2:] == _mmseg_rule(*hw, 512)
+
+
+def test_mmseg_test_size_rounds_and_is_not_capped():
+    assert mmseg_test_size(375, 500, 512) == (512, 683)     # 682.67: torchvision's [512] gives 682
+    assert mmseg_test_size(1024, 1025, 512) == (512, 513)   # 512.5 rounds up
+    assert mmseg_test_size(300, 1500, 512) == (512, 2560)   # no 2048 cap on the long side
+
+
+def test_resize_is_plain_bilinear():
+    """Half-pixel bilinear, no antialias, enlarging and shrinking: F.interpolate on float input,
+    rounded on uint8 input; a hand-computed 1 x 2 -> 2 x 4 case."""
+    torch.manual_seed(0)
+    ref = lambda x, size: torch.nn.functional.interpolate(x[None].float(), size=size, mode='bilinear',
+                                                           align_corners=False, antialias=False)[0]
+    for h, w, short in [(9, 13, 20), (9, 13, 4), (13, 9, 5), (8, 8, 3)]:
+        x = torch.rand(3, h, w)
+        out = resize_short(tv_tensors.Image(x), None, short)[0]
+        size = mmseg_test_size(h, w, short)
+        assert type(out) is tv_tensors.Image and out.shape[-2:] == size
+        assert torch.allclose(out, ref(x, size), atol=1e-5)
+        u = (x * 255).round().to(torch.uint8)
+        out = resize_short(tv_tensors.Image(u), None, short)[0]
+        assert out.dtype == torch.uint8 and torch.equal(out, ref(u, size).round().to(torch.uint8))
+        if short < min(h, w):  # the named torchvision option antialiases when shrinking: not the same pixels
+            old = resize_short(tv_tensors.Image(x), None, short, resize='torchvision')[0]
+            assert old.shape != out.shape or (old - ref(x, size)).abs().max() > 1e-2
+    x = tv_tensors.Image(torch.tensor([[[0.0, 10.0]]]))  # (1, 1, 2)
+    assert torch.allclose(resize_bilinear(x, (2, 4)), torch.tensor([[0.0, 2.5, 7.5, 10.0]] * 2))
+    assert torch.allclose(resize_bilinear(x, (1, 1)), torch.tensor([[5.0]]))
 
 
 def test_dataset_with_transforms(voc):
