@@ -15,12 +15,13 @@ import math
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, DatasetError, build_dataset, eval_transform
+from data import DATASETS, RESIZES, DatasetError, build_dataset, eval_transform
 from model import TagCLIP, trusty_scores
 
 IGNORE = 255
@@ -119,6 +120,40 @@ def predict(model, image, text, seen, out_size, mode='slide', crop=512, stride=4
     return F.interpolate(scores[None], size=tuple(out_size), mode='bilinear', align_corners=False)[0]
 
 
+def load_text_embeddings(path, class_names, dim: int):
+    """A user's (C, d) .npy of text embeddings, rows in the order of `class_names` (e.g. the authors'
+    fp16 files). Rows L2-normalised to 1e-2 are used as given (fp16 files are normalised to ~1e-3);
+    other rows are normalised, with a note. Returns float32 (C, d); a bad file is a one-line error."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise SystemExit(f'error: --text-embeddings {path}: {e.strerror or e}') from None
+    except (ValueError, EOFError) as e:
+        raise SystemExit(f"error: --text-embeddings {path}: not a .npy array ({' '.join(str(e).split())})") from None
+    if not isinstance(emb, np.ndarray) or emb.dtype.kind != 'f' or emb.ndim != 2:
+        what = 'an .npz archive' if not isinstance(emb, np.ndarray) else f'{emb.dtype} {emb.shape}'
+        raise SystemExit(f'error: --text-embeddings {path}: {what}, expected a float (C, d) array')
+    if emb.shape != (len(class_names), dim):
+        raise SystemExit(f'error: --text-embeddings {path}: shape {emb.shape}, expected ({len(class_names)}, {dim}): '
+                         f'one row per class ({len(class_names)} classes) of the model\'s width {dim}')
+    emb = torch.from_numpy(emb.astype(np.float32))  # fp16 -> fp32 is exact
+    norms = emb.norm(dim=-1)
+    if not torch.isfinite(emb).all() or (norms == 0).any():
+        raise SystemExit(f'error: --text-embeddings {path}: rows with NaN, inf or all zeros')
+    if ((norms - 1).abs() > 1e-2).any():
+        print(f'note: {path}: rows not L2-normalised (norms {norms.min():.3g}..{norms.max():.3g}); normalising them')
+        emb = emb / norms[:, None]
+    return emb
+
+
+def class_text(model, class_names, templates=None, precision='fp32', path=None):
+    """(C, d) text embeddings T: read from the .npy at `path`, or computed by the frozen text tower
+    in `precision` ('fp32', or 'fp16' as the authors' precomputed files; DESIGN §1, §15)."""
+    if path is None:
+        return model.encode_text(class_names, templates, precision=precision)
+    return load_text_embeddings(path, class_names, model.descriptor.out_features).to(model.prompts.device)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def confusion_matrix(pred, label, num_classes: int):
@@ -147,13 +182,14 @@ def compute_metrics(conf, class_names, seen):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, **kw):
+def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, text=None, **kw):
     """Confusion matrix over the whole `dataset` (each rank takes every world-th image: no padding,
-    no duplicates), all-reduced; the text is embedded once. Returns compute_metrics(...) + 'confusion'."""
+    no duplicates), all-reduced; the text is embedded once (or given: `text` (C, d)). Returns
+    compute_metrics(...) + 'confusion'."""
     model.eval()
     rank, world = rank_world()
     device = next(model.parameters()).device
-    text = model.encode_text(class_names, templates)                   # (C, d), once per evaluation
+    text = model.encode_text(class_names, templates) if text is None else text  # (C, d), once per evaluation
     seen = torch.as_tensor(seen, dtype=torch.bool, device=device)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers)
@@ -187,21 +223,23 @@ def inference_defaults(ckpt: dict, dataset: str, class_names):
 
 def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrained=None, mode='slide',
                         crop=None, stride=None, calibration=None, trusty_weighting='auto', templates=None,
-                        workers=4, amp='auto', device=None, progress=True):
+                        workers=4, amp='auto', device=None, progress=True, resize='mmseg', text_precision='fp32',
+                        text_embeddings=None):
     """Evaluate a train.py checkpoint with the defaults of DESIGN §7 (see `inference_defaults`);
-    every argument left None/'auto' takes that default. Returns evaluate(...)'s metrics."""
+    every argument left None/'auto' takes that default; `resize`, `text_precision` and
+    `text_embeddings` (a .npy path) as DESIGN §15. Returns evaluate(...)'s metrics."""
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     name = dataset or ckpt['classes']['dataset']
     info = DATASETS[name]
     model = TagCLIP.from_checkpoint(ckpt, pretrained).to(device)
     data = build_dataset(name, data_root or ckpt['args']['data_root'], split,
-                         eval_transform(model.mean, model.std, info.eval_short))
+                         eval_transform(model.mean, model.std, info.eval_short, resize))
     seen, default_calibration, same = inference_defaults(ckpt, name, info.classes)
     crop = crop or info.crop
     amp = amp_dtype(amp, device)
-    return evaluate(model, data, info.classes, seen, templates=templates or info.templates, workers=workers,
-                    progress=progress, mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
+    text = class_text(model, info.classes, templates or info.templates, text_precision, text_embeddings)
+    return evaluate(model, data, info.classes, seen, workers=workers, progress=progress, text=text, mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
                     calibration=default_calibration if calibration is None else calibration,
                     trusty_weighting={'auto': same, 'on': True, 'off': False}[trusty_weighting],
                     polarity=ckpt['polarity'], amp=amp)
@@ -222,6 +260,14 @@ def main():
     p.add_argument('--trusty-weighting', default='auto', choices=['auto', 'on', 'off'],
                    help='Eq. 12 weighting by the trusty map (auto: on unless cross-dataset)')
     p.add_argument('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument('--text-precision', default='fp32', choices=['fp32', 'fp16'],
+                   help="text tower precision; fp16: as the authors' precomputed embeddings")
+    t.add_argument('--text-embeddings', default=None, metavar='FILE.npy',
+                   help="(C, d) text embeddings, one row per class in the dataset's class order (e.g. the authors' files)")
+    p.add_argument('--resize', default='mmseg', choices=RESIZES,
+                   help="mmseg: short side exactly 512, long side rounded, plain bilinear (the published numbers); "
+                        "torchvision: resize(img, [512], antialias=True)")
     p.add_argument('--workers', type=int, default=4, help='data loader processes per rank')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA')
     p.add_argument('--out', default=None, help='write the metrics JSON here')
@@ -231,7 +277,8 @@ def main():
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_root, args.split, args.pretrained,
                                       args.mode, args.crop, args.stride, args.calibration, args.trusty_weighting,
-                                      args.templates, args.workers, args.amp, device)
+                                      args.templates, args.workers, args.amp, device, resize=args.resize,
+                                      text_precision=args.text_precision, text_embeddings=args.text_embeddings)
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None
     if rank == 0:

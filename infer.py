@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from data import DATASETS, eval_transform
-from evaluate import amp_dtype, predict
+from data import DATASETS, RESIZES, eval_transform
+from evaluate import amp_dtype, class_text, predict
 from model import TEMPLATES, TagCLIP
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -45,6 +45,12 @@ def get_args(argv=None):
     p.add_argument('--calibration', type=float, default=0.0, help="subtracted from the seen classes' scores (0.1 = inductive benchmark)")
     p.add_argument('--trusty-weighting', default='on', choices=['on', 'off'], help='Eq. 12: seen scores times A, unseen times 1 - A')
     p.add_argument('--short', type=int, default=None, help="resize the short side to this; None: the dataset's eval size")
+    p.add_argument('--resize', default='mmseg', choices=RESIZES, help="how (evaluate.py's --resize): mmseg's rounded size, plain bilinear")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument('--text-precision', default='fp32', choices=['fp32', 'fp16'],
+                   help="text tower precision; fp16: as the authors' precomputed embeddings")
+    t.add_argument('--text-embeddings', default=None, metavar='FILE.npy',
+                   help='(C, d) text embeddings, one row per class in the order of the vocabulary')
     p.add_argument('--crop', type=int, default=None, help="sliding window size; None: the dataset's crop")
     p.add_argument('--stride', type=int, default=None, help='sliding window stride; None: 426/512 of the crop')
     p.add_argument('--save-trusty', action='store_true', help='also write <rel>_trusty.png, a heatmap of A')
@@ -229,7 +235,9 @@ def main(argv=None):
     crop = args.crop or info.crop
     settings = {'checkpoint': os.path.abspath(args.checkpoint), 'templates': args.templates or info.templates,
                 'calibration': args.calibration, 'trusty_weighting': args.trusty_weighting == 'on',
-                'short': args.short or info.eval_short, 'crop': crop, 'stride': args.stride or round(crop * 426 / 512)}
+                'short': args.short or info.eval_short, 'resize': args.resize, 'crop': crop,
+                'stride': args.stride or round(crop * 426 / 512),
+                'text': os.path.abspath(args.text_embeddings) if args.text_embeddings else args.text_precision}
     try:
         previous = json.loads((out / 'summary.json').read_text())
     except (OSError, ValueError):
@@ -268,9 +276,9 @@ def main(argv=None):
         device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
         amp = amp_dtype(args.amp, device)
         model = TagCLIP.from_checkpoint(ckpt, args.pretrained).to(device).eval()
-        text = model.encode_text(names, settings['templates'])  # (C, d), once per run
+        text = class_text(model, names, settings['templates'], args.text_precision, args.text_embeddings)  # (C, d)
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)
-        transform, colours = eval_transform(model.mean, model.std, settings['short']), palette(len(names))
+        transform, colours = eval_transform(model.mean, model.std, settings['short'], args.resize), palette(len(names))
     processed = 0
     for f, rel, paths in tqdm(jobs, desc='segment', unit='img', dynamic_ncols=True, disable=not jobs):
         try:  # whatever fails while decoding a user's file (PIL raises many kinds) skips that file

@@ -11,10 +11,12 @@ Paper: "TagCLIP: Improving Discrimination Ability of Open-Vocabulary Semantic Se
 Shapes: B images, C classes, N = (H/p)(W/p) patches, D visual width, d joint (text/image) width.
 """
 
+import copy
 import math
 import os
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import open_clip
@@ -180,15 +182,25 @@ class TagCLIP(nn.Module):
         return model
 
     @torch.no_grad()
-    def encode_text(self, class_names, templates: str | None = None, chunk: int = 1024):
-        """§1: frozen CLIP text embeddings T, (C, d), L2-normalised, template ensemble averaged."""
+    def encode_text(self, class_names, templates: str | None = None, chunk: int = 1024, precision: str = 'fp32'):
+        """§1: frozen CLIP text embeddings T, (C, d), L2-normalised, template ensemble averaged (each
+        prompt L2-normalised, mean, L2 again). precision 'fp16': as the authors' precomputed .npy
+        files (OpenAI's clip package in fp16 on CUDA, §15): `fp16_text_tower` on the full context,
+        the norms and the mean in fp16 too; returned as float32 holding fp16 values. Runs on CPU too."""
         templates = TEMPLATES[templates or self.cfg.templates]
+        if precision == 'fp16':
+            encode = partial(fp16_text_tower(self.clip).encode_text, normalize=True)
+        elif precision == 'fp32':
+            encode = self.encode_tokens
+        else:
+            raise ValueError(f"unknown text precision {precision!r}; expected 'fp32' or 'fp16'")
         device = self.prompts.device
         prompts = [t.format(c) for c in class_names for t in templates]
-        emb = torch.cat([self.encode_tokens(self.tokenizer(prompts[i:i + chunk]).to(device))
+        emb = torch.cat([encode(self.tokenizer(prompts[i:i + chunk]).to(device))
                          for i in range(0, len(prompts), chunk)])  # (C*T, d)
-        emb = emb.view(len(class_names), len(templates), -1).mean(1)  # (C, d)
-        return F.normalize(emb.float(), dim=-1)
+        if len(templates) > 1:
+            emb = F.normalize(emb.view(len(class_names), len(templates), -1).mean(1), dim=-1)  # (C, d)
+        return emb.float()
 
     def encode_tokens(self, tokens):
         """CLIP's text tower on (M, 77) tokens -> (M, d), L2-normalised. With the causal mask, the
@@ -283,6 +295,19 @@ class TagCLIP(nn.Module):
         no_decay = lambda n, p: p.dim() < 2 or 'norm' in n or n in ('prompts', 'trusty_token')
         return [{'params': [p for n, p in params if not no_decay(n, p)], 'lr': lr, 'weight_decay': weight_decay},
                 {'params': [p for n, p in params if no_decay(n, p)], 'lr': lr, 'weight_decay': 0.0}]
+
+
+def fp16_text_tower(clip):
+    """A copy of CLIP's text tower run as OpenAI's clip package runs it on CUDA (how the authors made
+    their text embeddings): Linear / attention weights and the text projection in fp16 (open_clip's
+    copy of OpenAI's convert_weights), activations in fp16, LayerNorms computed in fp32 and cast back."""
+    tower = copy.deepcopy(clip, {id(clip.visual): None})  # the memo leaves the image tower out of the copy
+    open_clip.convert_weights_to_lp(tower, torch.float16)
+    for m in tower.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.register_forward_pre_hook(lambda m, args: (args[0].float(),))
+            m.register_forward_hook(lambda m, args, out: out.half())
+    return tower
 
 
 def trusty_scores(mask_logits, seen, calibration: float = 0.1, trusty_weighting: bool = True,

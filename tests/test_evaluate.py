@@ -4,12 +4,15 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from evaluate import compute_metrics, confusion_matrix, evaluate, slide_inference, window_grid, window_scores
+from evaluate import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
+                      slide_inference, window_grid, window_scores)
 from model import TagCLIP, TagCLIPConfig
 from tests.conftest import TINY_CLIP
 
@@ -90,6 +93,47 @@ def test_text_encoded_once_per_evaluation():
     assert len(calls) == 1
     labelled = sum((RandomSegSet()[i]['label'] != 255).sum().item() for i in range(5))
     assert sum(map(sum, m['confusion'])) == labelled  # every labelled pixel counted exactly once
+
+
+def test_given_text_is_used():
+    model = make_model()
+    default = evaluate(model, RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False)
+    given = evaluate(model, RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False,
+                     text=model.encode_text(NAMES))
+    assert given['confusion'] == default['confusion']
+    flipped = evaluate(model, RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False,
+                       text=model.encode_text(NAMES).flip(0))
+    assert flipped['confusion'] != default['confusion']
+
+
+def test_text_embeddings_file(tmp_path, capsys):
+    """A user's .npy: fp16 rows used exactly as given; unnormalised rows normalised with a note;
+    every bad file a one-line error naming it."""
+    model = make_model()
+    fp16 = model.encode_text(NAMES, precision='fp16')                     # (3, 32), fp16 values
+    path = tmp_path / 'voc_single.npy'
+    np.save(path, fp16.numpy().astype(np.float16))
+    got = class_text(model, NAMES, path=path)
+    assert got.dtype == torch.float32 and torch.equal(got, fp16) and 'note' not in capsys.readouterr().out
+    np.save(path, 3 * fp16.numpy())
+    assert torch.allclose(load_text_embeddings(path, NAMES, 32), F.normalize(fp16, dim=-1), atol=1e-6)
+    assert f'note: {path}: rows not L2-normalised' in capsys.readouterr().out
+    bad = {'rows.npy': np.ones((4, 32), np.float32), 'width.npy': np.ones((3, 16), np.float32),
+           'ints.npy': np.ones((3, 32), np.int64), 'flat.npy': np.ones(96, np.float32),
+           'nan.npy': np.full((3, 32), np.nan, np.float32), 'zero.npy': np.zeros((3, 32), np.float32)}
+    for name, arr in bad.items():
+        np.save(tmp_path / name, arr)
+    np.save(tmp_path / 'obj.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / 'arch.npz', fp16.numpy())
+    (tmp_path / 'text.npy').write_text('not numpy\n')
+    cases = {'rows.npy': r'shape \(4, 32\), expected \(3, 32\)', 'width.npy': r'shape \(3, 16\), expected \(3, 32\)',
+             'ints.npy': 'int64 .* expected a float', 'flat.npy': r'\(96,\), expected a float \(C, d\)',
+             'nan.npy': 'NaN, inf or all zeros', 'zero.npy': 'NaN, inf or all zeros', 'obj.npy': 'not a .npy array',
+             'arch.npz': 'an .npz archive', 'text.npy': 'not a .npy array', 'missing.npy': 'No such file'}
+    for name, message in cases.items():
+        with pytest.raises(SystemExit, match=message) as e:
+            load_text_embeddings(tmp_path / name, NAMES, 32)
+        assert str(tmp_path / name) in e.value.code and '\n' not in e.value.code, name
 
 
 def _worker(rank, init_file, out_file, cfg_file):

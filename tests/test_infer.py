@@ -192,3 +192,36 @@ def test_one_line_errors(ckpt, tmp_path):
         with pytest.raises(SystemExit, match=message) as e:
             run(ckpt, path, tmp_path / 'out')
         assert isinstance(e.value.code, str) and '\n' not in e.value.code  # exit status 1, one line
+
+
+def test_text_and_resize_options(first, ckpt, photos, tmp_path):
+    """--text-embeddings holding the live fp32 embeddings gives the default label map; the text and
+    resize settings are recorded (a rerun with other ones is refused); a wrong .npy is one line."""
+    out, _ = first
+    c = torch.load(ckpt, weights_only=True)
+    names = c['classes']['names']
+    np.save(tmp_path / 'text.npy', TagCLIP.from_checkpoint(c).eval().encode_text(names).numpy())
+    s = run(ckpt, photos / 'rotated.jpg', tmp_path / 'a', '--text-embeddings', str(tmp_path / 'text.npy'))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / 'rotated.png')), np.asarray(Image.open(out / 'rotated.png')))
+    assert (s['settings']['text'], s['settings']['resize']) == (str(tmp_path / 'text.npy'), 'mmseg')
+    s = run(ckpt, photos / 'rotated.jpg', tmp_path / 'b', '--text-precision', 'fp16', '--resize', 'torchvision')
+    assert (s['settings']['text'], s['settings']['resize']) == ('fp16', 'torchvision') and s['processed'] == 1
+    with pytest.raises(SystemExit, match='another vocabulary or settings'):
+        run(ckpt, photos / 'rotated.jpg', tmp_path / 'b')
+    np.save(tmp_path / 'few.npy', np.ones((3, 32), np.float32))
+    with pytest.raises(SystemExit, match=r'few.npy: shape \(3, 32\), expected \(25, 32\)'):
+        run(ckpt, photos / 'rotated.jpg', tmp_path / 'c', '--text-embeddings', str(tmp_path / 'few.npy'))
+
+
+def test_evaluate_checkpoint_text_and_resize(ckpt, tmp_path, monkeypatch):
+    """evaluate.py's options reach the transform and the text: a .npy of the live embeddings gives the
+    default metrics, the resize name goes to eval_transform."""
+    import evaluate
+    c = torch.load(ckpt, weights_only=True)
+    np.save(tmp_path / 'text.npy', TagCLIP.from_checkpoint(c).eval().encode_text(c['classes']['names']).numpy())
+    resizes = []
+    monkeypatch.setattr(evaluate, 'eval_transform', lambda *a: resizes.append(a[-1]) or eval_transform(*a))
+    kw = dict(workers=0, progress=False, device=torch.device('cpu'))
+    default = evaluate.evaluate_checkpoint(ckpt, **kw)
+    given = evaluate.evaluate_checkpoint(ckpt, text_embeddings=tmp_path / 'text.npy', resize='torchvision', **kw)
+    assert given['confusion'] == default['confusion'] and resizes == ['mmseg', 'torchvision']

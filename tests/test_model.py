@@ -165,3 +165,36 @@ def test_real_backbones_random_init(name, size):
     if name == 'ViT-B-16':  # README: learnable parameters of the VOC config (ZegCLIP reports 13.8M)
         n = sum(q.numel() for q in model.parameters() if q.requires_grad)
         assert 10e6 < n < 14e6, n
+
+
+def test_fp16_text_as_openai_clip(tiny_cfg):
+    """precision='fp16' equals OpenAI's recipe built independently: open_clip's copy of OpenAI's
+    convert_weights, LayerNorms in fp32, fp16 norms and ensemble mean (the authors' notebook)."""
+    import copy
+
+    from open_clip.transformer import LayerNorm, LayerNormFp32
+    model = TagCLIP(tiny_cfg).eval()
+    ref = copy.deepcopy(model.clip)
+    open_clip.convert_weights_to_lp(ref, torch.float16)
+    for m in ref.modules():
+        if type(m) is LayerNorm:
+            m.__class__ = LayerNormFp32
+    names = ['cat', 'dog', 'red car']
+    for templates in ('single', 'ensemble'):
+        rows = []
+        for c in names:
+            e = ref.encode_text(model.tokenizer([t.format(c) for t in TEMPLATES[templates]]))  # (T, d) fp16
+            e = e / e.norm(dim=-1, keepdim=True)
+            if len(e) > 1:
+                e = e.mean(0, keepdim=True)
+                e = e / e.norm(dim=-1, keepdim=True)
+            rows.append(e[0])
+        ref_emb = torch.stack(rows)
+        assert ref_emb.dtype == torch.float16
+        fp16 = model.encode_text(names, templates, precision='fp16')
+        assert fp16.dtype == torch.float32 and torch.equal(fp16, ref_emb.float())
+        fp32 = model.encode_text(names, templates)
+        assert 1e-5 < (fp16 - fp32).abs().max() < 5e-3  # ~fp16 rounding, not another embedding
+    assert all(p.dtype == torch.float32 for p in model.clip.parameters())  # the live model is untouched
+    with pytest.raises(ValueError, match='unknown text precision'):
+        model.encode_text(names, precision='bf16')
