@@ -439,7 +439,6 @@ def resize_short(image, label, short, resize='mmseg'):
     return resize_bilinear(image, mmseg_test_size(*image.shape[-2:], short)), label
 
 
-
 def eval_transform(mean, std, short, resize='mmseg'):
     """Eval: short side -> `short` (see resize_short), normalise; the label stays at the original
     resolution (the scores are resized back and metrics computed there). Returns image (3, h', w')

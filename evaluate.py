@@ -239,7 +239,8 @@ def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrai
     crop = crop or info.crop
     amp = amp_dtype(amp, device)
     text = class_text(model, info.classes, templates or info.templates, text_precision, text_embeddings)
-    return evaluate(model, data, info.classes, seen, workers=workers, progress=progress, text=text, mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
+    return evaluate(model, data, info.classes, seen, workers=workers, progress=progress, text=text,
+                    mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
                     calibration=default_calibration if calibration is None else calibration,
                     trusty_weighting={'auto': same, 'on': True, 'off': False}[trusty_weighting],
                     polarity=ckpt['polarity'], amp=amp)
