@@ -14,6 +14,9 @@ Shapes: B images, C classes, N = (H/p)(W/p) patches, D visual width, d joint (te
 import copy
 import math
 import os
+import pickle
+import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +26,7 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # the tiny CLIP of the offline toy world (toy.py) is an ordinary open_clip config: 'toy_clip'
 if Path(__file__).with_name('toy_clip.json').exists():
@@ -42,6 +46,13 @@ TEMPLATES = {
 
 @dataclass
 class TagCLIPConfig:
+    """The model. The last four fields reproduce quirks of the authors' code, only for checkpoints
+    converted from it (convert.py sets them; off for models trained here, DESIGN §11, §13):
+    double_cls_embedding: their image encoder adds the class embedding a second time at [CLS];
+    imagenet_mean_std: their inputs are normalised with ImageNet's mean/std, not CLIP's;
+    pos_table_grid: their positional table was resized once to this grid (32) when they loaded CLIP,
+        then to each window's grid (0: CLIP's own table);
+    fp32_inference: their scores were computed in fp32; evaluate.py/infer.py take --amp auto as off."""
     clip_model: str = 'ViT-B-16'        # any open_clip ViT name ('toy_clip' for the toy world)
     pretrained: str | None = 'openai'   # open_clip tag, a local checkpoint file, or None (random init)
     n_prompts: int = 10                 # deep visual prompts per layer (100 for COCO-Stuff)
@@ -52,19 +63,77 @@ class TagCLIPConfig:
     prompt_dropout: float = 0.1
     dropout: float = 0.1                # decoder: attention weights, residual branches, FFN
     templates: str = 'single'           # 'single' or 'ensemble' (DESIGN §1)
+    double_cls_embedding: bool = False  # authors' quirks: see the docstring
+    imagenet_mean_std: bool = False
+    pos_table_grid: int = 0
+    fp32_inference: bool = False
 
 
-def load_clip(name: str, pretrained: str | None) -> nn.Module:
+# what torch.load(weights_only=True) raises on a file that is not a readable checkpoint (torch 2.x)
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, struct.error, OSError)
+
+
+def load_error(e: BaseException) -> str:
+    """One line on why torch.load(weights_only=True) failed; never advises weights_only=False."""
+    if isinstance(e, pickle.UnpicklingError):
+        found = re.search(r'GLOBAL (\S+)', str(e))
+        return (f'holds a Python object ({found.group(1)}) that only tensors-and-containers loading refuses'
+                if found else 'not a PyTorch checkpoint (unreadable data)')
+    if isinstance(e, EOFError):
+        return 'empty or truncated file'
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    if isinstance(e, RuntimeError) and 'zip archive' in str(e):
+        return 'truncated or corrupt file (its zip archive cannot be read)'
+    return f'not a PyTorch checkpoint ({type(e).__name__})'
+
+
+def read_checkpoint(path, needs=('config', 'model'), what='a checkpoint of this project (train.py, convert.py)',
+                    hint: str = '', safe_globals=()):
+    """torch.load(path, weights_only=True) as a dict holding `needs`, or a one-line SystemExit naming
+    the file and what is wrong with it. `safe_globals`: classes the user chose to trust as well."""
+    if os.path.isdir(path):
+        raise SystemExit(f'error: {path}: a folder, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: {path}: no such file')
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except LOAD_ERRORS as e:
+        unsafe = isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e)
+        raise SystemExit(f"error: {path}: {load_error(e)}{hint if unsafe else ''}") from None
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f'error: {path}: not {what} (it holds a {type(ckpt).__name__})')
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path}: not {what} (no {', '.join(missing)}; "
+                         f"it holds {', '.join(map(str, list(ckpt)[:6])) or 'nothing'})")
+    if 'config' in needs:
+        unknown = set(ckpt['config']) - set(TagCLIPConfig.__dataclass_fields__) if isinstance(ckpt['config'], dict) else {'?'}
+        if unknown:
+            raise SystemExit(f"error: {path}: not {what} (unknown config fields {sorted(map(str, unknown))[:5]})")
+    return ckpt
+
+
+def load_clip(name: str, pretrained: str | None, weights: bool = True) -> nn.Module:
     """An open_clip model from a tag ('openai'), a local open_clip checkpoint, the OpenAI
-    TorchScript file (e.g. ViT-B-16.pt, as the official repos use), or None (random weights)."""
+    TorchScript file (e.g. ViT-B-16.pt, as the official repos use), or None (random weights).
+    Tags whose weights were trained with QuickGELU (OpenAI's) get it. weights=False: the architecture
+    only (the caller loads weights a checkpoint stores), nothing is read or downloaded."""
+    tag = pretrained if pretrained and not os.path.isfile(pretrained) else None
+    quick_gelu = bool(tag) and open_clip.get_pretrained_cfg(name, tag).get('quick_gelu', False)
+    if not weights:
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
     if pretrained and os.path.isfile(pretrained) and _is_torchscript(pretrained):
         clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)  # OpenAI uses QuickGELU
         state = torch.jit.load(pretrained, map_location='cpu').state_dict()
         expected = clip.state_dict()  # drops TorchScript extras (input_resolution, attn_mask, ...)
         clip.load_state_dict({k: v for k, v in state.items() if k in expected})
         return clip
+    if pretrained and os.path.exists(pretrained):  # a bad file: one line, not open_clip's traceback
+        read_checkpoint(pretrained, needs=(), what='CLIP weights')
     try:
-        return open_clip.create_model(name, pretrained=pretrained or None)
+        return open_clip.create_model(name, pretrained=pretrained or None, force_quick_gelu=quick_gelu)
     except RuntimeError as e:
         raise RuntimeError(f"could not load CLIP '{name}' with weights '{pretrained}': {e} "
                            f"(offline? pass a local file, e.g. --pretrained ViT-B-16.pt)") from None
@@ -120,10 +189,17 @@ class ATMLayer(nn.Module):
 
 
 class TagCLIP(nn.Module):
-    def __init__(self, cfg: TagCLIPConfig):
+    def __init__(self, cfg: TagCLIPConfig, clip_state: dict | None = None):
+        """clip_state: the frozen CLIP's weights as a checkpoint stores them (then nothing is downloaded)."""
         super().__init__()
         self.cfg = cfg
-        self.clip = load_clip(cfg.clip_model, cfg.pretrained).requires_grad_(False).eval()
+        self.clip = load_clip(cfg.clip_model, cfg.pretrained, weights=clip_state is None)
+        if cfg.pos_table_grid:  # authors' quirk: their positional table, resized once when they loaded CLIP
+            v = self.clip.visual
+            v.positional_embedding = nn.Parameter(self.positional_embedding(cfg.pos_table_grid, cfg.pos_table_grid))
+        if clip_state is not None:
+            self.clip.load_state_dict(clip_state)
+        self.clip.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)
         visual = self.clip.visual
         if getattr(visual, 'attn_pool', None) is not None or not hasattr(visual, 'conv1'):
@@ -164,20 +240,25 @@ class TagCLIP(nn.Module):
 
     @property
     def mean(self):
+        if self.cfg.imagenet_mean_std:  # authors' quirk: (123.675, 116.28, 103.53) / 255
+            return IMAGENET_MEAN
         return tuple(getattr(self.clip.visual, 'image_mean', None) or open_clip.OPENAI_DATASET_MEAN)
 
     @property
     def std(self):
+        if self.cfg.imagenet_mean_std:  # (58.395, 57.12, 57.375) / 255
+            return IMAGENET_STD
         return tuple(getattr(self.clip.visual, 'image_std', None) or open_clip.OPENAI_DATASET_STD)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, pretrained: str | None = None):
-        """Rebuild from a train.py checkpoint ({'config', 'model', ...}); `pretrained` overrides
-        where the frozen CLIP weights are read from (they are not stored in the checkpoint)."""
+        """Rebuild from a train.py or convert.py checkpoint ({'config', 'model', ['clip'], ...}). The
+        frozen CLIP comes from ckpt['clip'] where the checkpoint stores it (converted ones, and those
+        trained from random CLIP weights), else from the config's `pretrained`; `pretrained` overrides both."""
         cfg = TagCLIPConfig(**ckpt['config'])
         if pretrained is not None:
             cfg.pretrained = pretrained
-        model = cls(cfg)
+        model = cls(cfg, ckpt.get('clip') if pretrained is None else None)
         model.load_trainable_state_dict(ckpt['model'])
         return model
 
@@ -235,7 +316,10 @@ class TagCLIP(nn.Module):
         B, D, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)         # (B, N, D)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(B, 1, D), x], 1)  # (B, 1+N, D)
-        return v.ln_pre(x + self.positional_embedding(gh, gw).to(x.dtype)), (gh, gw)
+        pos = self.positional_embedding(gh, gw).to(x.dtype)    # (1+N, D)
+        if self.cfg.double_cls_embedding:  # authors' quirk: the class embedding again at [CLS]
+            pos = torch.cat([pos[:1] + v.class_embedding.to(x.dtype), pos[1:]])
+        return v.ln_pre(x + pos), (gh, gw)
 
     def encode_image(self, images):
         """§2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised."""
@@ -280,11 +364,14 @@ class TagCLIP(nn.Module):
         """Only what training changes: prompts, prompt projection/norm and the decoder."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith('clip.')}
 
-    def load_trainable_state_dict(self, state):
+    def load_trainable_state_dict(self, state, partial: bool = False):
+        """partial: tensors the model has and `state` lacks keep their initialisation, tensors it has
+        and the model lacks are ignored (e.g. starting TagCLIP from ZegCLIP); returns both lists."""
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith('clip.')]
-        if missing or unexpected:
+        if (missing or unexpected) and not partial:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return missing, unexpected
 
     def param_groups(self, lr: float, weight_decay: float, exempt_norms: bool = False):
         """DESIGN §8. Default: one group, every trainable parameter at lr and weight_decay (what the

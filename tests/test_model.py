@@ -198,3 +198,38 @@ def test_fp16_text_as_openai_clip(tiny_cfg):
     assert all(p.dtype == torch.float32 for p in model.clip.parameters())  # the live model is untouched
     with pytest.raises(ValueError, match='unknown text precision'):
         model.encode_text(names, precision='bf16')
+
+
+def test_openai_tag_builds_quick_gelu(monkeypatch):
+    """ViT-B-16 + 'openai' (trained with QuickGELU) must build QuickGELU: the download and the weight load
+    are intercepted, so the architecture open_clip builds for the tag is checked offline."""
+    import open_clip.factory as factory
+    tags = []
+    monkeypatch.setattr(factory, 'download_pretrained', lambda cfg, **kw: tags.append(cfg) or 'weights.bin')
+    monkeypatch.setattr(factory, 'load_checkpoint', lambda model, path, **kw: {})
+    clip = load_clip('ViT-B-16', 'openai')
+    assert tags and tags[0]['quick_gelu']  # the tag's own config says so
+    acts = {type(b.mlp.gelu) for b in [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]}
+    assert acts == {open_clip.transformer.QuickGELU}
+    assert type(load_clip('ViT-B-16', None).visual.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU
+
+
+def test_authors_quirks_in_the_image_embedding(tiny_cfg):
+    """double_cls_embedding adds the class embedding again at [CLS] only; pos_table_grid keeps a resized
+    table whose resize to the window grid is bilinear; imagenet_mean_std changes the normalisation."""
+    torch.manual_seed(0)
+    plain = TagCLIP(tiny_cfg).eval()
+    quirky = TagCLIP(replace(tiny_cfg, double_cls_embedding=True, imagenet_mean_std=True, pos_table_grid=8),
+                     clip_state=None)
+    v = plain.clip.visual
+    assert quirky.clip.visual.positional_embedding.shape == (65, 64)
+    quirky.clip.load_state_dict(plain.clip.state_dict() | {'visual.positional_embedding': quirky.clip.visual.positional_embedding})
+    images = torch.randn(2, 3, 64, 96)
+    x, _ = quirky.embed_patches(images)
+    table = quirky.clip.visual.positional_embedding  # (1 + 8*8, D)
+    grid = F.interpolate(table[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2), size=(4, 6), mode='bilinear')
+    tokens = torch.cat([v.class_embedding.expand(2, 1, -1), v.conv1(images).flatten(2).transpose(1, 2)], 1)
+    pos = torch.cat([table[:1] + v.class_embedding, grid.flatten(2)[0].T])
+    assert torch.allclose(x, v.ln_pre(tokens + pos), atol=1e-6)
+    assert quirky.mean == (0.485, 0.456, 0.406) and quirky.std == (0.229, 0.224, 0.225)
+    assert plain.mean == open_clip.OPENAI_DATASET_MEAN
