@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DATASETS, RESIZES, DatasetError, build_dataset, eval_transform
-from model import TagCLIP, trusty_scores
+from model import TagCLIP, read_checkpoint, trusty_scores
 
 IGNORE = 255
 
@@ -57,6 +57,15 @@ def amp_dtype(name: str, device):
     """The --amp flag as an autocast dtype: 'auto' is bf16 on CUDA and no autocast elsewhere."""
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
             'auto': torch.bfloat16 if device.type == 'cuda' else None}[name]
+
+
+def inference_amp(name: str, device, model):
+    """amp_dtype, except that 'auto' stays fp32 for a model whose config asks for it (converted ones)."""
+    return None if name == 'auto' and model.cfg.fp32_inference else amp_dtype(name, device)
+
+
+# what evaluate.py and infer.py read from a checkpoint
+CHECKPOINT_KEYS = ('config', 'model', 'classes', 'setting', 'polarity')
 
 
 # ----------------------------------------------------------------------------- inference
@@ -229,15 +238,18 @@ def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrai
     every argument left None/'auto' takes that default; `resize`, `text_precision` and
     `text_embeddings` (a .npy path) as DESIGN §15. Returns evaluate(...)'s metrics."""
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(path, needs=CHECKPOINT_KEYS)
     name = dataset or ckpt['classes']['dataset']
     info = DATASETS[name]
+    data_root = data_root or ckpt.get('args', {}).get('data_root')
+    if data_root is None:
+        raise SystemExit(f'error: {path} names no dataset folder: pass --data-root')
     model = TagCLIP.from_checkpoint(ckpt, pretrained).to(device)
-    data = build_dataset(name, data_root or ckpt['args']['data_root'], split,
+    data = build_dataset(name, data_root, split,
                          eval_transform(model.mean, model.std, info.eval_short, resize))
     seen, default_calibration, same = inference_defaults(ckpt, name, info.classes)
     crop = crop or info.crop
-    amp = amp_dtype(amp, device)
+    amp = inference_amp(amp, device, model)
     text = class_text(model, info.classes, templates or info.templates, text_precision, text_embeddings)
     return evaluate(model, data, info.classes, seen, workers=workers, progress=progress, text=text,
                     mode=mode, crop=crop, stride=stride or round(crop * 426 / 512),
@@ -248,7 +260,7 @@ def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrai
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='a train.py checkpoint')
+    p.add_argument('--checkpoint', required=True, help='a train.py or convert.py checkpoint')
     p.add_argument('--dataset', default=None, choices=sorted(DATASETS), help="default: the checkpoint's dataset")
     p.add_argument('--data-root', default=None, help="dataset folder (mmseg layout); default: the checkpoint's")
     p.add_argument('--split', default='val')
@@ -270,7 +282,8 @@ def main():
                    help="mmseg: short side exactly 512, long side rounded, plain bilinear (the published numbers); "
                         "torchvision: resize(img, [512], antialias=True)")
     p.add_argument('--workers', type=int, default=4, help='data loader processes per rank')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'],
+                   help="auto: bf16 on CUDA (off for converted checkpoints: the authors' scores are fp32)")
     p.add_argument('--out', default=None, help='write the metrics JSON here')
     args = p.parse_args()
 

@@ -26,8 +26,8 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from data import DATASETS, RESIZES, eval_transform
-from evaluate import amp_dtype, class_text, predict
-from model import TEMPLATES, TagCLIP
+from evaluate import CHECKPOINT_KEYS, class_text, inference_amp, predict
+from model import TEMPLATES, TagCLIP, read_checkpoint
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
@@ -35,7 +35,7 @@ VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='a train.py checkpoint (last.pt / best.pt)')
+    p.add_argument('--checkpoint', required=True, help='a train.py checkpoint (last.pt / best.pt) or a convert.py one')
     p.add_argument('--input', required=True, help='an image file, or a folder searched recursively')
     p.add_argument('--output', required=True, help="output folder; mirrors the input's sub-folders")
     v = p.add_mutually_exclusive_group()
@@ -59,7 +59,7 @@ def get_args(argv=None):
     p.add_argument('--overwrite', action='store_true', help='redo images whose outputs already exist')
     p.add_argument('--pretrained', default=None, help="open_clip tag or file of the frozen CLIP weights; None: the checkpoint's")
     p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='autocast (auto: bf16 on CUDA)')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help="autocast (auto: bf16 on CUDA; off for converted checkpoints)")
     return p.parse_args(argv)
 
 
@@ -221,9 +221,7 @@ def main(argv=None):
     args = get_args(argv)
     out = Path(args.output)
     root, files = list_inputs(Path(args.input), out)
-    if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f'error: checkpoint not found: {args.checkpoint}')
-    ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(args.checkpoint, needs=CHECKPOINT_KEYS)
     info = DATASETS[ckpt['classes']['dataset']]
     names = read_vocabulary(args, ckpt['classes']['names'])
     trained = {n.lower() for n in ckpt['classes']['seen']}  # the CLIP tokenizer lower-cases anyway
@@ -274,8 +272,8 @@ def main(argv=None):
 
     if jobs:
         device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
-        amp = amp_dtype(args.amp, device)
         model = TagCLIP.from_checkpoint(ckpt, args.pretrained).to(device).eval()
+        amp = inference_amp(args.amp, device, model)
         text = class_text(model, names, settings['templates'], args.text_precision, args.text_embeddings)  # (C, d)
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)
         transform, colours = eval_transform(model.mean, model.std, settings['short'], args.resize), palette(len(names))

@@ -197,7 +197,7 @@ class TagCLIP(nn.Module):
         if cfg.pos_table_grid:  # authors' quirk: their positional table, resized once when they loaded CLIP
             v = self.clip.visual
             v.positional_embedding = nn.Parameter(self.positional_embedding(cfg.pos_table_grid, cfg.pos_table_grid))
-        if clip_state is not None:
+        if clip_state:  # {}: the architecture only (convert.py loads the weights)
             self.clip.load_state_dict(clip_state)
         self.clip.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
 from evaluate import amp_dtype, evaluate, format_table, is_main, setup_distributed
 from losses import SetCriterion
-from model import TagCLIP, TagCLIPConfig
+from model import TagCLIP, TagCLIPConfig, read_checkpoint
 
 # the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
 TOY_DEFAULTS = dict(batch_size=16, lr=1e-3, warmup=100, eval_every=500)
@@ -62,7 +62,8 @@ def get_args(argv=None):
     a('--trusty-loss', default='focal', choices=['focal', 'dice'], help="focal: authors' code; dice: paper Eq. 10")
     a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
     a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
-    a('--weight-focal', type=float, default=20.0)
+    a('--weight-focal', type=float, default=None,
+      help="default 20 (TagCLIP's configs); 100 with --no-trusty / --trusty off (ZegCLIP's recipe)")
     a('--weight-dice', type=float, default=1.0)
     a('--weight-trusty', type=float, default=10.0)
     a = p.add_argument_group('optimisation').add_argument
@@ -101,6 +102,8 @@ def fill_defaults(args):
     for k, v in dflt.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.weight_focal is None:  # before 'auto' resolves: only an explicit --no-trusty trains as ZegCLIP did
+        args.weight_focal = 100.0 if args.trusty == 'off' else 20.0
     if args.trusty == 'auto':
         off = (args.setting == 'transductive' and args.dataset == 'voc') or \
               (args.setting == 'fully' and args.dataset != 'coco_stuff')
@@ -215,17 +218,22 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, cfg):
-    """Loads `path` and checks it was made for the same model config; one-line error otherwise."""
-    if not os.path.isfile(path):
-        raise SystemExit(f'checkpoint not found: {path}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    theirs = {k: v for k, v in ckpt['config'].items() if k != 'pretrained'}
-    ours = {k: v for k, v in asdict(cfg).items() if k != 'pretrained'}
+# config fields a --resume must match (and an --init-from, but for the trusty token: ZegCLIP -> TagCLIP)
+QUIRKS = ('double_cls_embedding', 'imagenet_mean_std', 'pos_table_grid', 'fp32_inference')
+
+
+def load_checkpoint(path, cfg, resume: bool):
+    """Loads `path` (one-line error if it is not a checkpoint) and checks it was made for the same model
+    config; the authors' quirk fields and a stored CLIP come from the checkpoint. Returns (ckpt, cfg)."""
+    ckpt = read_checkpoint(path)
+    cfg = replace(cfg, **{k: ckpt['config'][k] for k in QUIRKS if k in ckpt['config']})
+    free = {'pretrained'} | (set() if resume else {'trusty', 'trusty_learner', 'prompt_dropout', 'dropout', 'templates'})
+    theirs = {k: v for k, v in ckpt['config'].items() if k not in free}
+    ours = {k: v for k, v in asdict(cfg).items() if k not in free}
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if diff:
         raise SystemExit(f'{path}: made for another model config (checkpoint vs now: {diff})')
-    return ckpt
+    return ckpt, cfg
 
 
 def rng_state():
@@ -266,14 +274,17 @@ def main(argv=None):
     resume = str(out_dir / 'last.pt') if args.resume == 'auto' else args.resume
     if resume and args.resume == 'auto' and not os.path.isfile(resume):
         resume = None  # nothing to resume yet: a fresh run
-    ckpt = load_checkpoint(resume or args.init_from, cfg) if (resume or args.init_from) else None
+    ckpt = None
+    if resume or args.init_from:
+        ckpt, cfg = load_checkpoint(resume or args.init_from, cfg, bool(resume))
     try:  # a bad root or split file fails here, before any long work
         train_set = build_dataset(args.dataset, args.data_root, 'train')
         val_set = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val')
     except DatasetError as e:
         raise SystemExit(f'error: {e}') from None
 
-    model = TagCLIP(cfg).to(device)
+    clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
+    model = TagCLIP(cfg, clip_state).to(device)
     criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
                              args.weight_focal, args.weight_dice, args.weight_trusty)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
@@ -282,7 +293,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, best = 0, -math.inf
     if ckpt is not None:
-        model.load_trainable_state_dict(ckpt['model'])
+        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], partial=not resume)
+        if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
+            print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
         if resume:
             optimizer.load_state_dict(ckpt['optimizer'])
             scheduler.load_state_dict(ckpt['scheduler'])
@@ -323,7 +336,9 @@ def main(argv=None):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        return dict(config=asdict(cfg), model=model.trainable_state_dict(), optimizer=optimizer.state_dict(),
+        # the frozen CLIP goes in too where `pretrained` cannot rebuild it (random weights, or stored ones)
+        clip = {'clip': model.clip.state_dict()} if cfg.pretrained is None or clip_state is not None else {}
+        return dict(config=asdict(cfg), model=model.trainable_state_dict(), **clip, optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step, best=best, rng=rngs,
                     classes={'dataset': args.dataset, 'names': classes, 'seen': seen, 'unseen': unseen},
                     setting=args.setting, polarity=criterion.polarity, args=vars(args), metrics=metrics)

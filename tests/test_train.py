@@ -165,8 +165,10 @@ def test_bad_input_fails_early(world, tmp_path, monkeypatch):
     monkeypatch.undo()
     train.main(argv(world, tmp_path / 'a', '--iters', '1', '--eval-every', '1', '--no-eval'))
     with pytest.raises(SystemExit, match='another model config'):
-        train.main(argv(world, tmp_path / 'b', '--iters', '1', '--no-trusty', '--init-from', str(tmp_path / 'a' / 'last.pt')))
-    with pytest.raises(SystemExit, match='checkpoint not found'):
+        train.main(argv(world, tmp_path / 'b', '--iters', '1', '--n-prompts', '5', '--init-from', str(tmp_path / 'a' / 'last.pt')))
+    with pytest.raises(SystemExit, match='another model config'):  # a resume must match exactly
+        train.main(argv(world, tmp_path / 'a', '--iters', '2', '--no-trusty', '--resume', str(tmp_path / 'a' / 'last.pt')))
+    with pytest.raises(SystemExit, match='missing.pt: no such file'):
         train.main(argv(world, tmp_path / 'b', '--resume', str(tmp_path / 'missing.pt')))
 
 
