@@ -129,7 +129,20 @@ assert len(_COCO_RAW_IDS) == len(COCO_STUFF_CLASSES)
 
 
 class DatasetError(ValueError):
-    """A missing or malformed dataset file; the one-line message names the path."""
+    """A missing or malformed dataset file; the one-line message names the path.
+
+    Raised in a DataLoader worker process, torch re-raises it in the main process as
+    DatasetError('Caught DatasetError in DataLoader worker process k.\nOriginal Traceback ...
+    data.DatasetError: <message>\n') (torch/_utils.py ExceptionWrapper.reraise); the constructor
+    keeps only <message>, so the error reads the same whatever the number of workers.
+    """
+
+    def __init__(self, message):
+        head, sep, tb = str(message).partition('\nOriginal Traceback (most recent call last):\n')
+        last = f'\n{type(self).__module__}.{type(self).__qualname__}: '
+        if sep and head.startswith(f'Caught {type(self).__name__} in DataLoader worker process') and last in tb:
+            message = tb.rsplit(last, 1)[1].rstrip('\n')
+        super().__init__(message)
 
 
 LAYOUTS = {

@@ -53,6 +53,57 @@ def is_main():
     return rank_world()[0] == 0
 
 
+def first_error(error):
+    """Every rank's error message (or None) -> the lowest failing rank's message (or None), on every
+    rank: all ranks then stop together, and rank 0 alone prints it."""
+    rank, world = rank_world()
+    if world == 1:
+        return error
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def agreed_exit(error):
+    """SystemExit for an error all ranks agree on (first_error, in_step): rank 0 prints the one
+    line 'error: ...', the other ranks exit with status 1 quietly, after closing the process group."""
+    rank = rank_world()[0]
+    for bar in list(tqdm._instances):  # an open progress bar would leave the line half-written
+        bar.close()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return SystemExit(f'error: {error}' if rank == 0 else 1)
+
+
+def in_step(loader, device):
+    """Iterates a DataLoader on all ranks in step: a DatasetError on any rank (also one raised in a
+    worker process) stops every rank with the same DatasetError, instead of leaving the others
+    waiting in a collective. One all_reduce of two numbers per item; a rank whose share is shorter
+    keeps answering until every rank is done."""
+    if rank_world()[1] == 1:
+        yield from loader
+        return
+    it, done = iter(loader), False
+    while True:
+        error = None
+        if not done:
+            try:
+                item = next(it)
+            except StopIteration:
+                done = True
+            except DatasetError as e:
+                error = str(e)
+        flags = torch.tensor([error is not None, not done], dtype=torch.int32, device=device)  # failed, going
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed, going = flags.tolist()
+        if failed:
+            raise DatasetError(first_error(error))
+        if not going:
+            return
+        if not done:
+            yield item
+
+
 def amp_dtype(name: str, device):
     """The --amp flag as an autocast dtype: 'auto' is bf16 on CUDA and no autocast elsewhere."""
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
@@ -203,7 +254,8 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers)
     conf = torch.zeros(len(class_names), len(class_names), dtype=torch.long, device=device)
-    for sample in tqdm(loader, desc='eval', disable=not (progress and rank == 0), dynamic_ncols=True):
+    for sample in tqdm(in_step(loader, device), desc='eval', total=len(loader), disable=not (progress and rank == 0),
+                       dynamic_ncols=True):
         label = sample['label'].to(device)
         scores = predict(model, sample['image'], text, seen, label.shape[-2:], **kw)
         conf += confusion_matrix(scores[:len(class_names)].argmax(0), label, len(class_names))
@@ -245,8 +297,13 @@ def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrai
     if data_root is None:
         raise SystemExit(f'error: {path} names no dataset folder: pass --data-root')
     model = TagCLIP.from_checkpoint(ckpt, pretrained).to(device)
-    data = build_dataset(name, data_root, split,
-                         eval_transform(model.mean, model.std, info.eval_short, resize))
+    try:
+        data, error = build_dataset(name, data_root, split,
+                                    eval_transform(model.mean, model.std, info.eval_short, resize)), None
+    except DatasetError as e:
+        error = str(e)
+    if (error := first_error(error)) is not None:
+        raise DatasetError(error)
     seen, default_calibration, same = inference_defaults(ckpt, name, info.classes)
     crop = crop or info.crop
     amp = inference_amp(amp, device, model)
@@ -293,7 +350,9 @@ def main():
                                       args.mode, args.crop, args.stride, args.calibration, args.trusty_weighting,
                                       args.templates, args.workers, args.amp, device, resize=args.resize,
                                       text_precision=args.text_precision, text_embeddings=args.text_embeddings)
-    except (DatasetError, FileNotFoundError) as e:
+    except DatasetError as e:
+        raise agreed_exit(e) from None
+    except FileNotFoundError as e:
         raise SystemExit(f'error: {e}') from None
     if rank == 0:
         print(format_table(metrics))

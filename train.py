@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import amp_dtype, evaluate, format_table, is_main, setup_distributed
+from evaluate import agreed_exit, amp_dtype, evaluate, first_error, format_table, in_step, is_main, setup_distributed
 from losses import SetCriterion
 from model import TagCLIP, TagCLIPConfig, read_checkpoint
 
@@ -251,7 +251,15 @@ def set_rng_state(state):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """train(...); a DatasetError (a bad file, met by any rank or loader worker) ends it with one line."""
     args = get_args(argv)
+    try:
+        return train(args)
+    except DatasetError as e:
+        raise agreed_exit(e) from None
+
+
+def train(args):
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
@@ -279,9 +287,11 @@ def main(argv=None):
         ckpt, cfg = load_checkpoint(resume or args.init_from, cfg, bool(resume))
     try:  # a bad root or split file fails here, before any long work
         train_set = build_dataset(args.dataset, args.data_root, 'train')
-        val_set = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val')
+        val_set, error = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val'), None
     except DatasetError as e:
-        raise SystemExit(f'error: {e}') from None
+        error = str(e)
+    if (error := first_error(error)) is not None:
+        raise DatasetError(error)
 
     clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
     model = TagCLIP(cfg, clip_state).to(device)
@@ -347,7 +357,7 @@ def main(argv=None):
     log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
     bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
     metrics, t0 = None, time.time()
-    for images, labels in loader:
+    for images, labels in in_step(loader, device):
         if step >= args.iters:
             break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
