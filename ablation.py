@@ -9,7 +9,6 @@ training seed changes. Finished runs are reused (their last.pt), so an interrupt
 """
 
 import argparse
-import json
 import math
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 import train
-from evaluate import evaluate_checkpoint
+from evaluate import evaluate_checkpoint, write_json
 
 VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
     'ZegCLIP (--no-trusty)': (['--no-trusty'], 'off'),
@@ -67,8 +66,7 @@ def main():
         lines.append(f'| {name} | ' + ' | '.join(f'{m:.1f} ± {s:.1f}' for m, s in table[name].values()) + ' |')
     print('\n'.join(lines))
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump({'seeds': args.seeds, 'train_args': extra, 'mean_std': table, 'runs': results}, f, indent=2)
+    write_json({'seeds': args.seeds, 'train_args': extra, 'mean_std': table, 'runs': results}, args.out)
 
 
 if __name__ == '__main__':

@@ -264,6 +264,26 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
     return {**compute_metrics(conf.cpu(), class_names, seen.cpu()), 'confusion': conf.cpu().tolist()}
 
 
+def strict(obj):
+    """obj with every NaN / inf float as None: strict JSON writes null (e.g. the IoU of a class absent
+    from both labels and predictions, or mIoU(U) without unseen classes)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path):
+    """Strict JSON (NaN -> null, never a bare NaN token), written atomically (temp file + os.replace)."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(strict(obj), f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+
+
 def format_table(metrics) -> str:
     rows = [f"{'class':<24} {'split':<6} {'IoU':>6} {'Acc':>6}"]
     for name, m in metrics['per_class'].items():
@@ -357,8 +377,7 @@ def main():
     if rank == 0:
         print(format_table(metrics))
         if args.out:
-            with open(args.out, 'w') as f:
-                json.dump({k: v for k, v in metrics.items() if k != 'confusion'}, f, indent=2)
+            write_json({k: v for k, v in metrics.items() if k != 'confusion'}, args.out)
     if world > 1:
         dist.destroy_process_group()
 

@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import agreed_exit, amp_dtype, evaluate, first_error, format_table, in_step, is_main, setup_distributed
+from evaluate import (agreed_exit, amp_dtype, evaluate, first_error, format_table, in_step, is_main,
+                      setup_distributed, strict, write_json)
 from losses import SetCriterion
 from model import TagCLIP, TagCLIPConfig, read_checkpoint
 
@@ -392,7 +393,7 @@ def train(args):
                 score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
                 if is_main():
                     tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
-                    log.write(json.dumps({'step': step, 'eval': metrics['summary']}) + '\n')
+                    log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
                 if not score < best:  # NaN (no unseen class in the set) never blocks the first save
                     best = score
                     save_checkpoint(out_dir / 'best.pt', **state(metrics))
@@ -400,8 +401,7 @@ def train(args):
     bar.close()
     if is_main() and metrics is not None:
         print(format_table(metrics))
-        with open(out_dir / 'metrics.json', 'w') as f:
-            json.dump({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, f, indent=2)
+        write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
         print(f'checkpoints and metrics.json in {out_dir}')
     if world > 1:
         dist.destroy_process_group()

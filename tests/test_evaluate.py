@@ -155,3 +155,20 @@ def test_two_ranks_equal_one(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / 'init'), str(out), str(cfg_file)), nprocs=2, join=True)
     single = evaluate(make_model(), RandomSegSet(), NAMES, SEEN, crop=64, stride=48, progress=False)
     assert json.loads(out.read_text()) == single['confusion']
+
+
+def test_metrics_json_is_strict(tmp_path, monkeypatch):
+    """evaluate.py --out writes null, never a bare NaN, for the IoU a class absent from labels and
+    predictions does not have."""
+    import evaluate
+    conf = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    metrics = {**compute_metrics(conf, NAMES, [True, True, False]), 'confusion': conf.tolist()}  # no unseen class
+    monkeypatch.setattr(evaluate, 'evaluate_checkpoint', lambda *a, **k: metrics)
+    monkeypatch.setattr('sys.argv', ['evaluate.py', '--checkpoint', 'x.pt', '--out', str(tmp_path / 'm.json')])
+    evaluate.main()
+    text = (tmp_path / 'm.json').read_text()
+    m = json.loads(text, parse_constant=lambda c: pytest.fail(f'non-JSON constant {c}'))
+    assert m['per_class']['green thing'] == {'IoU': None, 'Acc': None, 'seen': False}
+    assert m['summary']['mIoU(U)'] is None and m['summary']['hIoU'] is None
+    assert m['summary']['mIoU'] == pytest.approx(56.25) and 'confusion' not in m
+    assert 'NaN' not in text and not list(tmp_path.glob('*.tmp'))
