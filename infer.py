@@ -3,9 +3,10 @@
     python infer.py --checkpoint runs/voc-inductive/best.pt --input photos/ --output out/ \
         --classes "cat,sofa,potted plant,window" --save-trusty
 
-Per image, at its relative path under --output: <rel>.png, the label map at the original size (palette
-PNG, values index the vocabulary); <rel>_overlay.jpg, the image blended with the class colours and a
-legend; with --save-trusty <rel>_trusty.png, a heatmap of A = P(pixel belongs to a seen class). Plus
+Per image, at its relative path <rel> (extension included) under --output: <rel>.label.png, the label
+map at the original size (palette PNG, values index the vocabulary); <rel>.overlay.jpg, the image
+blended with the class colours and a legend; with --save-trusty <rel>.trusty.png, a heatmap of
+A = P(pixel belongs to a seen class). Distinct inputs never share an output (see output_paths). Plus
 summary.json: the vocabulary (classes the checkpoint was trained on are seen, all others unseen), the
 fraction of pixels per class present in each image, the skipped files. Outputs are written atomically
 and kept unless --overwrite: a restarted run only does what is missing.
@@ -53,7 +54,7 @@ def get_args(argv=None):
                    help='(C, d) text embeddings, one row per class in the order of the vocabulary')
     p.add_argument('--crop', type=int, default=None, help="sliding window size; None: the dataset's crop")
     p.add_argument('--stride', type=int, default=None, help='sliding window stride; None: 426/512 of the crop')
-    p.add_argument('--save-trusty', action='store_true', help='also write <rel>_trusty.png, a heatmap of A')
+    p.add_argument('--save-trusty', action='store_true', help='also write <rel>.trusty.png, a heatmap of A')
     p.add_argument('--overlay-format', default='jpg', choices=['jpg', 'png'], help='file type of the overlays')
     p.add_argument('--alpha', type=float, default=0.5, help='opacity of the class colours in the overlays')
     p.add_argument('--overwrite', action='store_true', help='redo images whose outputs already exist')
@@ -114,14 +115,15 @@ def load_rgb(path):
     return np.array(img.convert('RGB'))  # a writable copy
 
 
-def output_paths(out: Path, rel: Path, clash: bool, args):
-    """<rel>.png, <rel>_overlay.<fmt>[, <rel>_trusty.png]; `clash`: another input has the same name
-    but another extension (a.jpg, a.png), so the extension stays in the name (a_jpg.png)."""
-    base = out / (rel.parent / rel.name.replace('.', '_') if clash else rel.with_suffix(''))
-    paths = {'label': Path(f'{base}.png'), 'overlay': Path(f'{base}_overlay.{args.overlay_format}')}
-    if args.save_trusty:
-        paths['trusty'] = Path(f'{base}_trusty.png')
-    return paths
+OUTPUTS = {'label': '.label.png', 'overlay': '.overlay.{fmt}', 'trusty': '.trusty.png'}
+
+
+def output_paths(out: Path, rel: Path, args):
+    """out/<rel>.label.png, out/<rel>.overlay.<fmt>[, out/<rel>.trusty.png], <rel> with its extension
+    (a.jpg -> a.jpg.label.png). No two inputs share an output: no tag is the end of another, so
+    <rel> + tag determines both <rel> and the tag (x.jpg, x.png, x.jpg.label.png: all apart)."""
+    tags = {k: v.format(fmt=args.overlay_format) for k, v in OUTPUTS.items() if k != 'trusty' or args.save_trusty}
+    return {k: out / rel.parent / f'{rel.name}{tag}' for k, tag in tags.items()}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -255,13 +257,12 @@ def main(argv=None):
         save(json.dumps(summary, indent=1), out / 'summary.json')
         return summary
 
-    stems = Counter(f.relative_to(root).with_suffix('') for f in files if f.suffix.lower() in IMAGE_EXTS)
     for f in files:
         rel = f.relative_to(root)
         if f.suffix.lower() not in IMAGE_EXTS:
             skip(rel, f"not an image ({f.suffix or 'no extension'})")
             continue
-        paths = output_paths(out, rel, stems[rel.with_suffix('')] > 1, args)
+        paths = output_paths(out, rel, args)
         label = None if args.overwrite else done_before(paths, len(names))
         if label is None:
             jobs.append((f, rel, paths))

@@ -31,7 +31,7 @@ def test_toy_world_end_to_end(tmp_path):
 
     infer.main(['--checkpoint', str(out / 'last.pt'), '--input', str(world / 'images' / 'val'),
                 '--output', str(tmp_path / 'masks'), '--classes', 'red solid,red striped,blue dotted,sky'])
-    masks = [m for m in (tmp_path / 'masks').glob('*.png') if not m.stem.endswith(('_overlay', '_trusty'))]
+    masks = list((tmp_path / 'masks').glob('*.label.png'))
     assert len(masks) == 12
     summary = json.loads((tmp_path / 'masks' / 'summary.json').read_text())
     flags = {v['name']: v['seen'] for v in summary['vocabulary']}

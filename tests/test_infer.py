@@ -102,12 +102,11 @@ def test_folder_of_odd_images(first):
     C = len(summary['vocabulary'])
     assert C == 25 and sum(not v['seen'] for v in summary['vocabulary']) == 6  # the toy's unseen classes
     for rel, size in GOOD.items():
-        stem = out / Path(rel).with_suffix('')
-        label = Image.open(f'{stem}.png')
+        label = Image.open(out / f'{rel}.label.png')
         assert label.mode == 'P' and label.size == size, rel
         values = np.asarray(label)
         assert values.max() < C
-        assert Image.open(f'{stem}_overlay.jpg').size[1] >= size[1]
+        assert Image.open(out / f'{rel}.overlay.jpg').size[1] >= size[1]
         fr = summary['images'][rel]['fractions']
         assert sum(fr.values()) == pytest.approx(1, abs=1e-4)
         names = [v['name'] for v in summary['vocabulary']]
@@ -123,7 +122,7 @@ def test_restart_does_no_model_work(first, ckpt, photos, monkeypatch, capsys):
     summary = run(ckpt, photos, out)
     assert calls == [] and f'0 processed, {len(GOOD)} up to date' in capsys.readouterr().out
     assert summary['images'] == before['images'] and {s['file'] for s in summary['skipped']} == BAD
-    (out / 'sub' / 'alpha_overlay.jpg').unlink()  # as if interrupted before this output: only it is redone
+    (out / 'sub' / 'alpha.png.overlay.jpg').unlink()  # as if interrupted before this output: only it is redone
     summary = run(ckpt, photos, out)
     assert len(calls) == 1 and summary['processed'] == 1 and summary['images'] == before['images']
     with pytest.raises(SystemExit, match='another vocabulary'):  # old label maps would mean other classes
@@ -145,7 +144,7 @@ def test_label_map_is_evaluate_argmax(first, ckpt, photos):
         scores = predict(model, image, model.encode_text(names), seen, rgb.shape[:2], crop=64, stride=53,
                          calibration=0.0, trusty_weighting=True, polarity=c['polarity'])
         expected = scores[:len(names)].argmax(0).numpy()
-        assert np.array_equal(np.asarray(Image.open(out / Path(rel).with_suffix('.png'))), expected)
+        assert np.array_equal(np.asarray(Image.open(out / f'{rel}.label.png')), expected)
 
 
 def test_image_modes(photos):
@@ -170,8 +169,8 @@ def test_any_vocabulary_and_trusty_maps(ckpt, photos, tmp_path, capsys):
     assert summary['vocabulary'] == [{'name': 'cat', 'seen': False}, {'name': 'RED SOLID', 'seen': True},
                                      {'name': 'red striped', 'seen': False}, {'name': 'sofa', 'seen': False}]
     assert 'unseen (not trained on): cat, red striped, sofa' in capsys.readouterr().out
-    assert np.asarray(Image.open(tmp_path / 'grey.png')).max() < 4
-    heat = Image.open(tmp_path / 'grey_trusty.png')
+    assert np.asarray(Image.open(tmp_path / 'grey.png.label.png')).max() < 4
+    heat = Image.open(tmp_path / 'grey.png.trusty.png')
     assert heat.size == (50, 40) and heat.mode == 'RGB'
     assert infer.heatmap(np.array([[0.0, 1.0]])).tolist() == [[[68, 1, 84], [253, 231, 37]]]
     (tmp_path / 'names.txt').write_text('cat\n\nsofa\n')
@@ -202,7 +201,7 @@ def test_text_and_resize_options(first, ckpt, photos, tmp_path):
     names = c['classes']['names']
     np.save(tmp_path / 'text.npy', TagCLIP.from_checkpoint(c).eval().encode_text(names).numpy())
     s = run(ckpt, photos / 'rotated.jpg', tmp_path / 'a', '--text-embeddings', str(tmp_path / 'text.npy'))
-    assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / 'rotated.png')), np.asarray(Image.open(out / 'rotated.png')))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / 'rotated.jpg.label.png')), np.asarray(Image.open(out / 'rotated.jpg.label.png')))
     assert (s['settings']['text'], s['settings']['resize']) == (str(tmp_path / 'text.npy'), 'mmseg')
     s = run(ckpt, photos / 'rotated.jpg', tmp_path / 'b', '--text-precision', 'fp16', '--resize', 'torchvision')
     assert (s['settings']['text'], s['settings']['resize']) == ('fp16', 'torchvision') and s['processed'] == 1
@@ -225,3 +224,47 @@ def test_evaluate_checkpoint_text_and_resize(ckpt, tmp_path, monkeypatch):
     default = evaluate.evaluate_checkpoint(ckpt, **kw)
     given = evaluate.evaluate_checkpoint(ckpt, text_embeddings=tmp_path / 'text.npy', resize='torchvision', **kw)
     assert given['confusion'] == default['confusion'] and resizes == ['mmseg', 'torchvision']
+
+
+def test_distinct_inputs_never_share_an_output(ckpt, tmp_path):
+    """Names built to collide under name-minus-extension schemes: every input keeps its own three
+    outputs, each at its input's size; a restart finds them all."""
+    names = ['x.jpg', 'x.png', 'x_trusty.jpg', 'x_overlay.png', 'x_jpg.png', 'x.jpg.label.png', 'x.png.trusty.png',
+             'x.label.png', 'x.png.overlay.png']
+    d = tmp_path / 'in'
+    d.mkdir()
+    for i, name in enumerate(names):  # width 20 + i tells the outputs apart
+        Image.fromarray(np.full((16, 20 + i, 3), 40 * (i % 6), np.uint8)).save(d / name, format='PNG' if name.endswith('png') else 'JPEG')
+    summary = run(ckpt, d, tmp_path / 'out', '--save-trusty', '--overlay-format', 'png')
+    assert summary['processed'] == len(names) and set(summary['images']) == set(names)
+    written = sorted(p.relative_to(tmp_path / 'out').as_posix() for p in (tmp_path / 'out').iterdir() if p.suffix == '.png')
+    assert len(written) == 3 * len(names)  # nothing overwritten
+    for i, name in enumerate(names):
+        assert summary['images'][name]['label_map'] == f'{name}.label.png'
+        for tag in ('label', 'trusty'):
+            assert Image.open(tmp_path / 'out' / f'{name}.{tag}.png').size == (20 + i, 16), (name, tag)
+        row = np.asarray(Image.open(tmp_path / 'out' / f'{name}.overlay.png'))[0]  # the image, then the white legend
+        assert (row[19 + i] < 255).any() and (row[20 + i] == 255).all(), name
+    assert run(ckpt, d, tmp_path / 'out', '--save-trusty', '--overlay-format', 'png')['up_to_date'] == len(names)
+
+
+@pytest.mark.parametrize('amp', [torch.bfloat16, torch.float16])
+def test_inference_under_autocast(ckpt, photos, amp, tmp_path):
+    """CPU autocast: float32 scores of the right shape, finite, close to full precision; infer.py --amp
+    bf16 writes the same kind of label maps."""
+    c = torch.load(ckpt, weights_only=True)
+    model = TagCLIP.from_checkpoint(c).eval()
+    names = c['classes']['names']
+    seen = torch.tensor([n in c['classes']['seen'] for n in names])
+    text = model.encode_text(names)
+    image = torch.randn(3, 64, 96)
+    kw = dict(crop=64, stride=53, calibration=0.0, trusty_weighting=True, polarity=c['polarity'])
+    full = predict(model, image, text, seen, (70, 100), **kw)
+    mixed = predict(model, image, text, seen, (70, 100), amp=amp, **kw)
+    assert mixed.dtype == torch.float32 and mixed.shape == full.shape == (len(names) + 1, 70, 100)
+    diff = (mixed - full).abs().max().item()  # scores' std ~0.05; bf16 has 8 mantissa bits, fp16 11
+    assert torch.isfinite(mixed).all() and 0 < diff < (5e-3 if amp == torch.bfloat16 else 1e-3)
+    if amp == torch.bfloat16:
+        summary = run(ckpt, photos / 'grey.png', tmp_path, '--amp', 'bf16')
+        label = np.asarray(Image.open(tmp_path / 'grey.png.label.png'))
+        assert summary['processed'] == 1 and label.shape == (40, 50) and label.max() < len(names)
