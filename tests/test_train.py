@@ -1,6 +1,7 @@
 """train.py: overfitting, exact resume, DDP gradient averaging, transductive switch, bad input."""
 
 import json
+import math
 import os
 import socket
 import sys
@@ -183,3 +184,25 @@ def test_non_finite_loss_stops_with_the_term(world, tmp_path, monkeypatch):
     monkeypatch.setattr(SetCriterion, 'forward', broken)
     with pytest.raises(SystemExit, match=r'step 0: non-finite loss_dice'):
         train.main(argv(world, tmp_path / 'n', '--iters', '2', '--no-eval'))
+
+
+@pytest.mark.parametrize('amp,dtype', [('bf16', torch.bfloat16), ('fp16', torch.float16)])
+def test_mixed_precision_steps(world, tmp_path, monkeypatch, amp, dtype):
+    """CPU autocast (bf16; fp16 with the GradScaler): the forward runs in `dtype`, losses, weights and
+    the evaluation stay finite float32."""
+    seen = []
+    forward = SetCriterion.forward
+    monkeypatch.setattr(SetCriterion, 'forward', lambda self, out, *a: seen.append(out['pred_masks'].dtype) or forward(self, out, *a))
+    metrics = train.main(argv(world, tmp_path / amp, '--iters', '2', '--eval-every', '2', '--amp', amp))
+    assert seen == [dtype] * 2
+    ckpt = torch.load(tmp_path / amp / 'last.pt', weights_only=True)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt['model'].values())
+    before = TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4))
+    assert not torch.allclose(before.prompts, ckpt['model']['prompts'], atol=1e-4)  # the steps were taken
+    if amp == 'fp16':  # the scaler ran: its scale is in the checkpoint (65536, halved per overflow)
+        assert 0 < ckpt['scaler']['scale'] <= 65536.0
+    else:
+        assert ckpt['scaler'] == {}
+    log = [json.loads(l) for l in (tmp_path / amp / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in log if 'loss' in r] == [1, 2] and all(math.isfinite(r['loss']) for r in log if 'loss' in r)
+    assert 0 < metrics['summary']['pAcc'] <= 100 and math.isfinite(metrics['summary']['mIoU(S)'])
