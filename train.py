@@ -283,6 +283,12 @@ def train(args):
     resume = str(out_dir / 'last.pt') if args.resume == 'auto' else args.resume
     if resume and args.resume == 'auto' and not os.path.isfile(resume):
         resume = None  # nothing to resume yet: a fresh run
+    if world > 1:  # a rank that resumed and one that did not would train on different schedules
+        found = [None] * world
+        dist.all_gather_object(found, resume is not None)
+        if len(set(found)) > 1:
+            raise agreed_exit(f"{out_dir / 'last.pt'}: found by ranks {[r for r, f in enumerate(found) if f]} only; "
+                              '--out-dir must be on storage that every node shares')
     ckpt = None
     if resume or args.init_from:
         ckpt, cfg = load_checkpoint(resume or args.init_from, cfg, bool(resume))

@@ -106,3 +106,38 @@ def test_bad_file_on_one_rank_is_one_line_from_rank_0(setup, tmp_path):
     assert rank0.returncode == rank1.returncode == 1
     assert error_lines(rank0) == [f'error: {label}: label values [77] outside the valid raw values 0..24, 255']
     assert error_lines(rank1) == [] and rank1.stderr.strip() == '' and rank1.stdout.strip() == ''
+
+
+def test_two_nodes_of_one_process(setup, tmp_path):
+    """torchrun --nnodes 2 (c10d rendezvous on localhost), one process per node, LOCAL_RANK 0 on both:
+    training and its evaluation run, only global rank 0 writes (each node's cwd stands for its local
+    disk: the relative --out-dir stays empty on the other node); a resume that only one node can see
+    stops both with one line."""
+    port = free_port()
+
+    def launch(*extra):
+        procs = []
+        for node in range(2):
+            cwd = tmp_path / f'node{node}'
+            cwd.mkdir(exist_ok=True)
+            cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc-per-node', '1',
+                   '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}', '--rdzv-id', f'job{len(extra)}',
+                   *command(setup, str(REPO / 'train.py'))[1:], *TOY, '--data-root', str(setup / 'toy'),
+                   '--pretrained', str(setup / 'clip.pt'), '--out-dir', 'run', '--iters', '2', '--eval-every', '2',
+                   '--workers', '0', '--crop', '64', *extra]
+            procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()))
+        return [(p, *p.communicate(timeout=300)) for p in procs]
+
+    runs = launch()
+    assert [p.returncode for p, _, _ in runs] == [0, 0], runs[0][2][-3000:] + runs[1][2][-3000:]
+    wrote = [sorted(f.name for f in (tmp_path / f'node{k}' / 'run').glob('*')) for k in range(2)]
+    main = wrote.index(['best.pt', 'last.pt', 'log.jsonl', 'metrics.json'])  # the node that got global rank 0
+    assert wrote[1 - main] == []  # rank 1 made no folder and wrote nothing
+    assert 'hIoU' in runs[main][1] and 'hIoU' not in runs[1 - main][1]  # the metrics table: rank 0 only
+    m = json.loads((tmp_path / f'node{main}' / 'run' / 'metrics.json').read_text())
+    assert m['step'] == 2 and set(m['per_class']) == set(train.DATASETS['toy'].classes)
+
+    runs = launch('--resume', 'auto')  # last.pt is on global rank 0's disk only
+    assert [p.returncode for p, _, _ in runs] == [1, 1]
+    lines = [l for _, _, err in runs for l in err.splitlines() if l.startswith('error')]
+    assert lines == [f"error: run/last.pt: found by ranks [0] only; --out-dir must be on storage that every node shares"]
