@@ -156,7 +156,7 @@ def test_evaluate_and_infer_run_on_it(converted, tmp_path):
     assert metrics['summary']['pAcc'] >= 0 and len(metrics['per_class']) == 20
     summary = infer.main(['--checkpoint', str(path), '--input', str(root / 'JPEGImages'), '--output', str(tmp_path / 'out'),
                           '--classes', 'cat,dog', '--crop', '64', '--short', '64'])
-    assert summary['processed'] == 2 and Image.open(tmp_path / 'out' / 'a.png').size == (56, 40)
+    assert summary['processed'] == 2 and Image.open(tmp_path / 'out' / 'a.jpg.label.png').size == (56, 40)
 
 
 def test_bad_checkpoints_one_line(tmp_path):
