@@ -2,10 +2,13 @@
 
     python ablation.py --seeds 0 1 2 --out runs/ablation/results.json
 
-ZegCLIP (`--no-trusty`: no token, no self-attention) against TagCLIP with the trusty map trained by
-the paper's dice (Eq. 10) or the authors' focal variant, each evaluated with and without the Eq. 12
-trusty weighting. Every run is a plain `train.py` run on the same cached world and tiny CLIP; only the
-training seed changes. Finished runs are reused (their last.pt), so an interrupted ablation resumes.
+Rows as in Tab. 1: (a) ZegCLIP (`--no-trusty`: no token, no self-attention), (b) + the trusty token and
+relationship descriptor, (c) + the Trusty Learner, (d) + the Eq. 12 trusty weighting at inference, and
+(d) again with the trusty map trained by the paper's dice (Eq. 10) instead of the default loss. (c) and
+(d) are the same checkpoints evaluated without and with the weighting; every other row is trained
+separately. Every run is a plain `train.py` run on the same cached world and tiny CLIP with the same
+recipe; only the variant's flags and the training seed change. Finished runs are reused (their
+last.pt), so an interrupted ablation resumes.
 """
 
 import argparse
@@ -19,13 +22,13 @@ import train
 from evaluate import evaluate_checkpoint, write_json
 
 VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
-    'ZegCLIP (--no-trusty)': (['--no-trusty'], 'off'),
-    'TagCLIP, trusty dice, no weighting': (['--trusty-loss', 'dice'], 'off'),
-    'TagCLIP, trusty dice': (['--trusty-loss', 'dice'], 'on'),
-    'TagCLIP, trusty focal, no weighting': (['--trusty-loss', 'focal'], 'off'),
-    'TagCLIP, trusty focal': (['--trusty-loss', 'focal'], 'on'),
+    '(a) ZegCLIP (--no-trusty)': (['--no-trusty'], 'off'),
+    '(b) + trusty token': (['--no-trusty-learner'], 'off'),
+    '(c) + Trusty Learner': ([], 'off'),
+    '(d) + Eq. 12 weighting = TagCLIP': ([], 'on'),
+    '(d) with the dice trusty loss (Eq. 10)': (['--trusty-loss', 'dice'], 'on'),
 }
-COLUMNS = ('mIoU(S)', 'mIoU(U)', 'hIoU', 'pAcc')
+COLUMNS = ('mIoU(S)', 'mIoU(U)', 'hIoU', 'pAcc', 'A-right(S)', 'A-right(U)')
 
 
 def run(flags, seed, out_dir, extra):
@@ -47,23 +50,26 @@ def main():
     p.add_argument('--runs', default='runs/ablation', help='one train.py output folder per variant and seed')
     p.add_argument('--out', default='runs/ablation/results.json')
     p.add_argument('--train-args', default='', help="extra train.py flags for every run, e.g. '--iters 800'")
+    p.add_argument('--variants', default='abcdD', help="rows to run: a, b, c, d and D (d with the dice loss)")
     args = p.parse_args()
     extra = args.train_args.split()
+    rows = {k: v for k, v in VARIANTS.items() if 'abcdD'[list(VARIANTS).index(k)] in args.variants}
 
     results = {}
-    for name, (flags, weighting) in VARIANTS.items():
+    for name, (flags, weighting) in rows.items():
         for seed in args.seeds:
-            folder = Path(args.runs) / f"{flags[-1].lstrip('-')}-seed{seed}"
+            folder = Path(args.runs) / f"{'-'.join(f.lstrip('-') for f in flags) or 'tagclip'}-seed{seed}"
             ckpt = run(flags, seed, folder, extra)
-            m = evaluate_checkpoint(ckpt, trusty_weighting=weighting, workers=0)['summary']
+            m = evaluate_checkpoint(ckpt, trusty_weighting=weighting, workers=0, progress=False)['summary']
             results.setdefault(name, []).append(m)
-            print(f'{name} seed {seed}: ' + '  '.join(f'{k} {m[k]:.1f}' for k in COLUMNS), flush=True)
+            print(f'{name} seed {seed}: ' + '  '.join(f'{k} {m[k]:.1f}' for k in COLUMNS if k in m), flush=True)
 
     lines = [f"| variant | {' | '.join(COLUMNS)} |", '|---' * (len(COLUMNS) + 1) + '|']
     table = {}
     for name, runs in results.items():
-        table[name] = {k: mean_std([r[k] for r in runs]) for k in COLUMNS}
-        lines.append(f'| {name} | ' + ' | '.join(f'{m:.1f} ± {s:.1f}' for m, s in table[name].values()) + ' |')
+        table[name] = {k: mean_std([r[k] for r in runs]) for k in COLUMNS if k in runs[0]}
+        lines.append(f'| {name} | ' + ' | '.join(f'{table[name][k][0]:.1f} ± {table[name][k][1]:.1f}'
+                                                 if k in table[name] else '–' for k in COLUMNS) + ' |')
     print('\n'.join(lines))
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     write_json({'seeds': args.seeds, 'train_args': extra, 'mean_std': table, 'runs': results}, args.out)

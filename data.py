@@ -58,7 +58,9 @@ CONTEXT59_CLASSES = (
     'table', 'track', 'train', 'tree', 'truck', 'tvmonitor', 'wall', 'water', 'window', 'wood')
 TOY_COLOURS = ('red', 'green', 'blue', 'yellow', 'purple')
 TOY_PATTERNS = ('solid', 'striped', 'barred', 'checkered', 'dotted')
-TOY_CLASSES = tuple(f'{c} {p}' for c in TOY_COLOURS for p in TOY_PATTERNS)  # index = 5 * colour + pattern
+# 'background' (the grey noise around the objects; raw label 255 on disk) is a seen class, so a model
+# and a user of infer.py can say "none of these objects"; then index = 1 + 5 * colour + pattern.
+TOY_CLASSES = ('background',) + tuple(f'{c} {p}' for c in TOY_COLOURS for p in TOY_PATTERNS)
 # Toy unseen split (DESIGN §12): red holds two unseen classes, so "unseen + red" does not name the
 # class and the trusty map alone cannot; dotted holds two as well. Every colour and every pattern
 # keeps >= 3 seen classes, so both concepts are learnt from seen data alone.
@@ -93,7 +95,7 @@ DATASETS = {
 
 def _check_class_lists():
     """Import-time sanity: sizes, no duplicates, unseen names in the class list, toy split rules."""
-    sizes = {'voc': 20, 'coco_stuff': 171, 'context59': 59, 'context60': 60, 'toy': 25}
+    sizes = {'voc': 20, 'coco_stuff': 171, 'context59': 59, 'context60': 60, 'toy': 26}
     for name, info in DATASETS.items():
         assert len(info.classes) == len(set(info.classes)) == sizes[name], name
         assert set(info.unseen) <= set(info.classes), (name, set(info.unseen) - set(info.classes))
@@ -109,7 +111,7 @@ _check_class_lists()
 
 
 def _lut(raw_ids, zero_to_ignore=False):
-    """256-entry LUT sending raw_ids[k] -> k, 255 -> 255 (and 0 -> 255 if asked), the rest invalid."""
+    """256-entry LUT sending raw_ids[k] -> k, 255 -> 255 unless listed (and 0 -> 255 if asked), the rest invalid."""
     lut = np.full(256, _INVALID, np.int64)
     lut[IGNORE_INDEX] = IGNORE_INDEX
     lut[list(raw_ids)] = np.arange(len(raw_ids))
@@ -236,13 +238,14 @@ def _read_coco(root, split):
 
 
 def _read_toy(root, split):
-    """Toy world (toy.py): images/{split}/*.png with same-named label PNGs, values 0..24 / 255."""
+    """Toy world (toy.py): images/{split}/*.png with same-named label PNGs, raw values 0..24 (objects,
+    -> classes 1..25) and 255 (background -> class 0)."""
     layout = LAYOUTS['toy']
     root = _find_root(root, 'images', [], layout)
     img_dir = _need(root / 'images' / split, layout)
     ann_dir = _need(root / 'annotations' / split, layout)
     images = _list_images(img_dir, '*.png')
-    return root, [(p, ann_dir / p.name) for p in images], _lut(range(len(TOY_CLASSES)))
+    return root, [(p, ann_dir / p.name) for p in images], _lut([IGNORE_INDEX, *range(len(TOY_CLASSES) - 1)])
 
 
 _READERS = {'voc': _read_voc, 'coco_stuff': _read_coco, 'toy': _read_toy,

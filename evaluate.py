@@ -104,6 +104,14 @@ def in_step(loader, device):
             yield item
 
 
+def cpu_threads(workers: int) -> int:
+    """Torch threads for one process on CPU: the cores that its data workers (and the other local
+    processes) leave free, at least 1. Oversubscribed cores make every parallel op wait for a
+    descheduled thread: steps then stall for seconds whenever anything else runs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - workers)
+
+
 def amp_dtype(name: str, device):
     """The --amp flag as an autocast dtype: 'auto' is bf16 on CUDA and no autocast elsewhere."""
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None,
@@ -253,15 +261,25 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
     seen = torch.as_tensor(seen, dtype=torch.bool, device=device)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers)
-    conf = torch.zeros(len(class_names), len(class_names), dtype=torch.long, device=device)
+    C = len(class_names)
+    conf = torch.zeros(C, C, dtype=torch.long, device=device)
+    trusty = torch.zeros(2, 2, dtype=torch.long, device=device)  # rows: unseen/seen pixel; cols: A <= / > 0.5
     for sample in tqdm(in_step(loader, device), desc='eval', total=len(loader), disable=not (progress and rank == 0),
                        dynamic_ncols=True):
         label = sample['label'].to(device)
-        scores = predict(model, sample['image'], text, seen, label.shape[-2:], **kw)
-        conf += confusion_matrix(scores[:len(class_names)].argmax(0), label, len(class_names))
+        scores = predict(model, sample['image'], text, seen, label.shape[-2:], **kw)  # (C[+1], H, W)
+        conf += confusion_matrix(scores[:C].argmax(0), label, C)
+        if scores.shape[0] > C:  # the trusty map A: is it right about which pixels are seen?
+            keep = label != IGNORE
+            trusty += confusion_matrix(scores[C][keep] > 0.5, seen[label[keep]], 2)
     if world > 1:
         dist.all_reduce(conf)
-    return {**compute_metrics(conf.cpu(), class_names, seen.cpu()), 'confusion': conf.cpu().tolist()}
+        dist.all_reduce(trusty)
+    metrics = compute_metrics(conf.cpu(), class_names, seen.cpu())
+    for key, row in (('A-right(S)', 1), ('A-right(U)', 0)):  # % of seen px with A > 0.5, unseen px with A <= 0.5
+        if trusty[row].sum() > 0:
+            metrics['summary'][key] = 100 * trusty[row, row].item() / trusty[row].sum().item()
+    return {**metrics, 'confusion': conf.cpu().tolist()}
 
 
 def strict(obj):

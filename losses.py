@@ -32,23 +32,26 @@ def dice(logits, target, valid):
 class SetCriterion(nn.Module):
     """Named loss terms for TagCLIP's mask logits.
 
-    trusty_loss: 'focal' (authors' code: M_A predicts *unseen*, target 1 on unseen pixels) or
-                 'dice' (paper Eq. 10: M_A predicts *seen*, G_A of Eq. 9).
+    trusty_loss: 'focal' (authors' code: M_A predicts *unseen*, target 1 on unseen pixels; alpha
+                 `trusty_alpha`, theirs 0.25), 'dice' (paper Eq. 10: M_A predicts *seen*, G_A of Eq. 9) or
+                 'balanced' (M_A predicts seen: dice on A vs G_A, dice on 1 - A vs 1 - G_A so the unseen
+                 minority counts as much as the seen majority, plus per-pixel BCE; motivated by the toy world).
     ignore_mode: 'negative' (default) or 'exclude' for label-255 pixels.
     """
 
     def __init__(self, trusty: bool = True, trusty_loss: str = 'focal', ignore_mode: str = 'negative',
                  aux_loss: bool = False, weight_focal: float = 20.0, weight_dice: float = 1.0,
-                 weight_trusty: float = 10.0):
+                 weight_trusty: float = 10.0, trusty_alpha: float = 0.25):
         super().__init__()
-        assert trusty_loss in ('focal', 'dice') and ignore_mode in ('negative', 'exclude')
+        assert trusty_loss in ('focal', 'dice', 'balanced') and ignore_mode in ('negative', 'exclude')
         self.trusty, self.trusty_loss, self.ignore_mode, self.aux_loss = trusty, trusty_loss, ignore_mode, aux_loss
+        self.trusty_alpha = trusty_alpha  # focal alpha on the trusty map's positives (the unseen pixels)
         self.weight_dict = {'loss_focal': weight_focal, 'loss_dice': weight_dice, 'loss_trusty': weight_trusty}
 
     @property
     def polarity(self) -> str:
         """What sigmoid(M_A) predicts; stored in checkpoints so inference reads A the right way."""
-        return 'unseen' if self.trusty_loss == 'focal' else 'seen'
+        return 'unseen' if self.trusty_loss == 'focal' else 'seen'  # 'dice' and 'balanced' predict seen
 
     def forward(self, outputs, label, unseen=None):
         """outputs: the model's dict; label (B, H, W) in vocabulary indices with unseen/ignored
@@ -83,8 +86,15 @@ class SetCriterion(nn.Module):
                      'loss_dice': (dice(M_R, target, v) * present).sum() / num_masks}
             if self.trusty:
                 M_A = logits[:, C].flatten(1)                                # (B, HW)
-                term = sigmoid_focal if self.trusty_loss == 'focal' else dice  # Eq. 10 for 'dice'
-                terms['loss_trusty'] = term(M_A, trusty_target, trusty_valid).sum() / num_masks
+                if self.trusty_loss == 'focal':
+                    term = sigmoid_focal(M_A, trusty_target, trusty_valid, alpha=self.trusty_alpha)
+                elif self.trusty_loss == 'dice':
+                    term = dice(M_A, trusty_target, trusty_valid)                # Eq. 10
+                else:  # 'balanced': the unseen minority is a dice target of its own, plus per-pixel BCE
+                    bce = F.binary_cross_entropy_with_logits(M_A, trusty_target, reduction='none')
+                    term = (dice(M_A, trusty_target, trusty_valid) + dice(-M_A, 1 - trusty_target, trusty_valid)
+                            + (bce * trusty_valid).sum(-1) / trusty_valid.sum(-1).clamp(min=1))
+                terms['loss_trusty'] = term.sum() / num_masks
             total = total + sum(self.weight_dict[k] * v for k, v in terms.items())  # Eq. 11
             losses.update({k + suffix: v for k, v in terms.items()})
         losses['loss'] = total

@@ -38,9 +38,10 @@ RGB = torch.tensor([  # one row per TOY_COLOURS entry: red, green, blue, yellow,
 
 
 def class_names():
-    """The 25 class names; index = colour_index * 5 + pattern_index."""
+    """The 25 object class names; index = colour_index * 5 + pattern_index = raw label value on disk
+    (data.py adds 'background', raw 255, as class 0 in front of them)."""
     names = [f'{c} {p}' for c in TOY_COLOURS for p in TOY_PATTERNS]
-    assert names == list(DATASETS['toy'].classes), 'toy.py and data.py disagree on the class order'
+    assert ['background'] + names == list(DATASETS['toy'].classes), 'toy.py and data.py disagree on the class order'
     return names
 
 

@@ -25,13 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import (agreed_exit, amp_dtype, evaluate, first_error, format_table, in_step, is_main,
+from evaluate import (agreed_exit, amp_dtype, cpu_threads, evaluate, first_error, format_table, in_step, is_main,
                       setup_distributed, strict, write_json)
 from losses import SetCriterion
 from model import TagCLIP, TagCLIPConfig, read_checkpoint
 
 # the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
-TOY_DEFAULTS = dict(batch_size=16, lr=1e-3, warmup=100, eval_every=500)
+TOY_DEFAULTS = dict(batch_size=16, lr=1e-3, warmup=100, eval_every=500, workers=1, ratio_range=(1.0, 1.0),
+                    photometric='off')
 
 
 def get_args(argv=None):
@@ -41,10 +42,13 @@ def get_args(argv=None):
     a('--data-root', default=None, help="dataset folder in the mmseg layout (toy: generated under data/toy)")
     a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'])
     a('--out-dir', default=None, help='default: runs/<dataset>-<setting>')
-    a('--workers', type=int, default=4, help='data loader processes per rank')
+    a('--workers', type=int, default=None, help='data loader processes per rank (default 4; toy 1)')
     a('--crop', type=int, default=None, help="train crop (default: the dataset's, 512)")
-    a('--ratio-range', type=float, nargs=2, default=(0.5, 2.0), help='random rescale ratio')
+    a('--ratio-range', type=float, nargs=2, default=None,
+      help="random rescale ratio (default 0.5 2.0; toy: 1 1, its pattern period is part of the class)")
     a('--cat-max-ratio', type=float, default=0.75, help='crop retries while one class covers more')
+    a('--photometric', default=None, choices=['on', 'off'],
+      help="photometric distortion (default on; toy: off, hue jitter crosses its colour classes)")
     a = p.add_argument_group('model').add_argument
     a('--clip-model', default=None, help="open_clip ViT (default ViT-B-16; toy: toy_clip)")
     a('--pretrained', default=None,
@@ -60,13 +64,15 @@ def get_args(argv=None):
     a('--no-trusty-learner', action='store_true', help='keep the token, drop the self-attention (Tab. 1b)')
     a('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
     a = p.add_argument_group('loss').add_argument
-    a('--trusty-loss', default='focal', choices=['focal', 'dice'], help="focal: authors' code; dice: paper Eq. 10")
+    a('--trusty-loss', default=None, choices=['focal', 'dice', 'balanced'],
+      help="focal: authors' code (default); dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE")
     a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
     a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
     a('--weight-focal', type=float, default=None,
       help="default 20 (TagCLIP's configs); 100 with --no-trusty / --trusty off (ZegCLIP's recipe)")
     a('--weight-dice', type=float, default=1.0)
     a('--weight-trusty', type=float, default=10.0)
+    a('--trusty-alpha', type=float, default=0.25, help="focal alpha of the trusty map's unseen pixels (authors: 0.25)")
     a = p.add_argument_group('optimisation').add_argument
     a('--iters', type=int, default=None, help="default: VOC 20k, COCO-Stuff 80k, toy 1.5k")
     a('--batch-size', type=int, default=None, help='global batch, split over ranks (default 16)')
@@ -79,6 +85,7 @@ def get_args(argv=None):
     a('--min-lr', type=float, default=1e-6)
     a('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA, off on CPU')
     a('--seed', type=int, default=0)
+    a('--threads', type=int, default=0, help='CPU: torch threads per process (0: the cores the data workers leave free)')
     a = p.add_argument_group('run').add_argument
     a('--eval-every', type=int, default=None, help='evaluate and checkpoint every N steps (default 2000; toy 500)')
     a('--log-every', type=int, default=20)
@@ -96,7 +103,9 @@ def get_args(argv=None):
 def fill_defaults(args):
     info = DATASETS[args.dataset]
     toy = args.dataset == 'toy'
-    dflt = {'batch_size': 16, 'lr': 2e-4, 'warmup': 1500, 'eval_every': 2000, **(TOY_DEFAULTS if toy else {}),
+    dflt = {'batch_size': 16, 'lr': 2e-4, 'warmup': 1500, 'eval_every': 2000, 'workers': 4, 'trusty_loss': 'focal',
+            'ratio_range': (0.5, 2.0), 'photometric': 'on',
+            **(TOY_DEFAULTS if toy else {}),
             'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts, 'templates': info.templates,
             'clip_model': 'toy_clip' if toy else 'ViT-B-16', 'out_dir': f'runs/{args.dataset}-{args.setting}',
             'data_root': 'data/toy' if toy else None}
@@ -262,6 +271,8 @@ def main(argv=None):
 
 def train(args):
     rank, world, device = setup_distributed()
+    if device.type == 'cpu':
+        torch.set_num_threads(args.threads or cpu_threads(args.workers))
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
     if args.dataset == 'toy':
@@ -303,7 +314,7 @@ def train(args):
     clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
     model = TagCLIP(cfg, clip_state).to(device)
     criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
-                             args.weight_focal, args.weight_dice, args.weight_trusty)
+                             args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     amp = amp_dtype(args.amp, device)
@@ -325,7 +336,8 @@ def train(args):
 
     per_rank = args.batch_size // world
     transform = train_transform(model.mean, model.std, args.crop, scale=(4 * args.crop, args.crop),
-                                ratio_range=tuple(args.ratio_range), cat_max_ratio=args.cat_max_ratio)
+                                ratio_range=tuple(args.ratio_range), cat_max_ratio=args.cat_max_ratio,
+                                photometric=args.photometric == 'on')
     train_set.transform = transform
     loader = torch.utils.data.DataLoader(
         SeededSamples(train_set, args.seed), batch_size=per_rank, num_workers=args.workers,

@@ -65,7 +65,7 @@ def _error(fn, *needles):
 
 def test_class_lists():
     sizes = {'voc': (20, 5), 'coco_stuff': (171, 15), 'context59': (59, 0), 'context60': (60, 0),
-             'toy': (25, 6)}
+             'toy': (26, 6)}
     for name, (n, n_unseen) in sizes.items():
         info = DATASETS[name]
         assert (len(info.classes), len(info.unseen)) == (n, n_unseen)
@@ -74,7 +74,7 @@ def test_class_lists():
     assert DATASETS['context60'].classes[1:] == DATASETS['context59'].classes
     coco = DATASETS['coco_stuff'].classes
     assert [coco[i] for i in (0, 62, 79, 80, 170)] == ['person', 'tv', 'toothbrush', 'banner', 'wood']
-    assert TOY_CLASSES[:2] == ('red solid', 'red striped') and TOY_CLASSES[-1] == 'purple dotted'
+    assert TOY_CLASSES[:3] == ('background', 'red solid', 'red striped') and TOY_CLASSES[-1] == 'purple dotted'
     assert DATASETS['voc'].iters == 20000 and DATASETS['coco_stuff'].n_prompts == 100
 
 # -----------------------------------------------------------------------------
@@ -154,7 +154,8 @@ def test_toy_layout(tmp_path):
     raw = np.array([[0, 24, 255, 7]], np.uint8).repeat(H, 0).repeat(2, 1)
     _png(tmp_path / 'annotations/train/00000.png', raw)
     item = build_dataset('toy', tmp_path, 'train')[0]
-    assert item['image'].shape == (3, H, W) and (item['label'].numpy() == raw).all()
+    want = np.array([[1, 25, 0, 8]]).repeat(H, 0).repeat(2, 1)  # background (raw 255) is class 0
+    assert item['image'].shape == (3, H, W) and (item['label'].numpy() == want).all()
     _png(tmp_path / 'annotations/train/00000.png', np.full((H, W), 25))
     _error(lambda: build_dataset('toy', tmp_path, 'train')[0], 'annotations/train/00000.png', '[25]')
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from evaluate import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
+from evaluate import (class_text, compute_metrics, confusion_matrix, cpu_threads, evaluate, load_text_embeddings,
                       slide_inference, window_grid, window_scores)
 from model import TagCLIP, TagCLIPConfig
 from tests.conftest import TINY_CLIP
@@ -134,6 +134,33 @@ def test_text_embeddings_file(tmp_path, capsys):
         with pytest.raises(SystemExit, match=message) as e:
             load_text_embeddings(tmp_path / name, NAMES, 32)
         assert str(tmp_path / name) in e.value.code and '\n' not in e.value.code, name
+
+
+def test_trusty_map_accuracy_counts_pixels():
+    model = make_model()
+    data = RandomSegSet(n=2)
+    m = evaluate(model, data, NAMES, SEEN, crop=64, stride=48, progress=False)['summary']
+    text, seen = model.encode_text(NAMES), torch.tensor(SEEN)
+    right = {True: [0, 0], False: [0, 0]}  # seen / unseen class pixel -> [A right, pixels]
+    for i in range(2):
+        A = slide_inference(model, data[i]['image'], text, seen, 64, 48)[3]  # (H, W), P(seen)
+        for a, y in zip(A.flatten().tolist(), data[i]['label'].flatten().tolist()):
+            if y != 255:
+                right[SEEN[y]][0] += (a > 0.5) == SEEN[y]
+                right[SEEN[y]][1] += 1
+    assert math.isclose(m['A-right(S)'], 100 * right[True][0] / right[True][1], rel_tol=1e-9)
+    assert math.isclose(m['A-right(U)'], 100 * right[False][0] / right[False][1], rel_tol=1e-9)
+    model.trusty_token = None  # no trusty channel: no trusty-map columns
+    model.trusty_learner = None
+    assert 'A-right(S)' not in evaluate(model, data, NAMES, SEEN, crop=64, stride=48, progress=False)['summary']
+
+
+def test_cpu_threads_leave_the_workers_their_cores(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert [cpu_threads(w) for w in (0, 2, 7, 12)] == [8, 6, 1, 1]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # four processes share the node's cores
+    assert [cpu_threads(w) for w in (0, 1, 4)] == [2, 1, 1]
 
 
 def _worker(rank, init_file, out_file, cfg_file):

@@ -62,13 +62,13 @@ def test_255_pixels_are_negatives_by_default():
     assert out['loss_focal'] > base['loss_focal'] and out['loss_dice'] > base['loss_dice']
 
 
-def _trusty_case(trusty_loss, ignore_mode='negative'):
+def _trusty_case(trusty_loss, ignore_mode='negative', **kw):
     # label in vocabulary indices: pixel 1 belonged to an unseen class (masked to 255), pixel 2 is plain 255
     label = torch.tensor([[[0, 255, 255, 0]]])
     unseen = torch.tensor([[[False, True, False, False]]])
     M_A = torch.tensor([0.3, -1.2, 0.7, 2.0])
     logits = torch.cat([LOGITS[:, :1], M_A.view(1, 1, 1, 4)], 1)  # 1 class + trusty channel
-    crit = SetCriterion(trusty=True, trusty_loss=trusty_loss, ignore_mode=ignore_mode)
+    crit = SetCriterion(trusty=True, trusty_loss=trusty_loss, ignore_mode=ignore_mode, **kw)
     return crit({'pred_masks': logits, 'aux_masks': []}, label, unseen)['loss_trusty'].item(), M_A.tolist()
 
 
@@ -78,6 +78,8 @@ def test_trusty_focal_predicts_unseen():
     assert math.isclose(loss, sum(focal_px(x, t) for x, t in zip(X, g)) / 4, rel_tol=1e-5)  # num_masks = 1
     loss, X = _trusty_case('focal', 'exclude')
     assert math.isclose(loss, sum(focal_px(X[i], g[i]) for i in (0, 1, 3)) / 3, rel_tol=1e-5)
+    loss, X = _trusty_case('focal', trusty_alpha=0.75)  # the unseen pixels weighted 0.75, the rest 0.25
+    assert math.isclose(loss, sum(focal_px(x, t, alpha=0.75) for x, t in zip(X, g)) / 4, rel_tol=1e-5)
 
 
 def test_trusty_dice_predicts_seen_eq9_eq10():
@@ -86,6 +88,15 @@ def test_trusty_dice_predicts_seen_eq9_eq10():
     loss, X = _trusty_case('dice', 'exclude')
     assert math.isclose(loss, dice_map([X[i] for i in (0, 1, 3)], [1, 0, 1]), rel_tol=1e-5)
     assert SetCriterion(trusty_loss='dice').polarity == 'seen' and SetCriterion().polarity == 'unseen'
+
+
+def test_trusty_balanced_by_hand():
+    loss, X = _trusty_case('balanced')
+    G = [1, 0, 1, 1]  # predicts seen, as Eq. 9 (255 on the seen side by default)
+    bce = sum(-math.log(sig(x) if g else 1 - sig(x)) for x, g in zip(X, G)) / 4
+    want = dice_map(X, G) + dice_map([-x for x in X], [1 - g for g in G]) + bce  # 1 - A is sigmoid(-M_A)
+    assert math.isclose(loss, want, rel_tol=1e-5)
+    assert SetCriterion(trusty_loss='balanced').polarity == 'seen'
 
 
 def test_deep_supervision_adds_each_layer():

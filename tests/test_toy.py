@@ -90,6 +90,6 @@ def test_pretrain_checkpoint_loads_and_zero_shot(tmp_path):
     assert path.stat().st_mtime_ns == mtime
     acc = toy.zero_shot_accuracy(model, open_clip.get_tokenizer('toy_clip'), n_per_class=2)
     assert set(acc) == {'seen', 'unseen', 'all', 'per_class'}
-    assert list(acc['per_class']) == toy.class_names() == list(DATASETS['toy'].classes)
+    assert ['background'] + list(acc['per_class']) == ['background'] + toy.class_names() == list(DATASETS['toy'].classes)
     assert all(0 <= acc[k] <= 1 for k in ('seen', 'unseen', 'all'))
     assert acc['all'] == pytest.approx(np.mean(list(acc['per_class'].values())))
