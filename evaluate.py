@@ -249,18 +249,25 @@ def compute_metrics(conf, class_names, seen):
     return {'summary': summary, 'per_class': per_class}
 
 
+def eval_loader(dataset, workers=0, persistent=False):
+    """One image per item; each rank takes every world-th image: no padding, no duplicates.
+    persistent: keep the worker processes between evaluations (periodic evaluation in train.py)."""
+    rank, world = rank_world()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers,
+                                       persistent_workers=persistent and workers > 0)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, text=None, **kw):
-    """Confusion matrix over the whole `dataset` (each rank takes every world-th image: no padding,
-    no duplicates), all-reduced; the text is embedded once (or given: `text` (C, d)). Returns
-    compute_metrics(...) + 'confusion'."""
+    """Confusion matrix over the whole `dataset` (or an `eval_loader` of it), all-reduced; the text is
+    embedded once (or given: `text` (C, d)). Returns compute_metrics(...) + 'confusion'."""
     model.eval()
     rank, world = rank_world()
     device = next(model.parameters()).device
     text = model.encode_text(class_names, templates) if text is None else text  # (C, d), once per evaluation
     seen = torch.as_tensor(seen, dtype=torch.bool, device=device)
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers)
+    loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else eval_loader(dataset, workers)
     C = len(class_names)
     conf = torch.zeros(C, C, dtype=torch.long, device=device)
     trusty = torch.zeros(2, 2, dtype=torch.long, device=device)  # rows: unseen/seen pixel; cols: A <= / > 0.5

@@ -33,6 +33,7 @@ CLIP_CONFIG = Path(__file__).with_name('toy_clip.json')
 CLIP_STEPS = 400
 PERIOD = (4, 6)  # pattern period in pixels: smallest, largest (patch size 8)
 WORLD_VERSION = 1  # bump when the renderer changes, so cached worlds are regenerated
+CLIP_VERSION = 2   # bump when CLIP pretraining changes (2: empty images captioned 'background')
 RGB = torch.tensor([  # one row per TOY_COLOURS entry: red, green, blue, yellow, purple
     [0.86, 0.14, 0.12], [0.14, 0.68, 0.20], [0.16, 0.30, 0.90], [0.92, 0.84, 0.12], [0.60, 0.18, 0.74]])
 
@@ -47,7 +48,7 @@ def class_names():
 
 def clip_path(root, steps=CLIP_STEPS, seed=0):
     """Where prepare() caches the tiny CLIP pretrained for `steps` steps with `seed`."""
-    return Path(root) / f'toy_clip_s{steps}_seed{seed}.pt'
+    return Path(root) / f'toy_clip_v{CLIP_VERSION}_s{steps}_seed{seed}.pt'
 
 
 def register_clip():
@@ -167,12 +168,13 @@ def _caption(names, objects):
 
 
 def pretrain_clip(out_path, steps=CLIP_STEPS, batch=128, seed=0, lr=1e-3, warmup=100,
-                  weight_decay=0.05, single_frac=0.4):
+                  weight_decay=0.05, single_frac=0.4, empty_frac=1 / 16):
     """Contrastively pretrain the tiny CLIP on fresh synthetic image-caption pairs (cached).
 
     Captions name all 25 classes, seen and unseen: a real CLIP has seen every concept.
-    single_frac of each batch are one-object images captioned "a photo of a red checkered.",
-    the rest 1-3 objects captioned "a red solid and a blue dotted.". Images are drawn fresh
+    empty_frac of each batch are images without objects captioned "a photo of a background." (so
+    'background' is a concept it knows), single_frac one-object images captioned "a photo of a red
+    checkered.", the rest 1-3 objects captioned "a red solid and a blue dotted.". Images are drawn fresh
     every step from a flip-symmetric distribution, so no augmentation is needed. Pairs with
     identical captions are all positives of each other (soft targets) rather than negatives.
     Saves model.state_dict(), loadable with open_clip.create_model('toy_clip', pretrained=path).
@@ -192,17 +194,18 @@ def pretrain_clip(out_path, steps=CLIP_STEPS, batch=128, seed=0, lr=1e-3, warmup
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else cosine(s))
     g = torch.Generator().manual_seed(1_000_003 + seed)  # a stream no toy world uses
-    n_single = round(single_frac * batch)
+    n_single, n_empty = round(single_frac * batch), round(empty_frac * batch)
     bar = tqdm(range(steps), desc='pretrain tiny CLIP', unit='step')
     for _ in bar:
+        empty = render(n_empty, generator=g, min_objects=0, max_objects=0)  # only the noisy grey
         single = render(n_single, generator=g, max_objects=1)
-        multi = render(batch - n_single, generator=g)
-        captions = [f'a photo of a {names[c]}.' for c in single[2][:, 0].tolist()]
+        multi = render(batch - n_single - n_empty, generator=g)
+        captions = ['a photo of a background.'] * n_empty + [f'a photo of a {names[c]}.' for c in single[2][:, 0].tolist()]
         captions += [_caption(names, objects) for objects in multi[2]]
         new = [c for c in dict.fromkeys(captions) if c not in tokens]
         if new:
             tokens.update(zip(new, tokenizer(new)))
-        image = model.encode_image(_normalize(torch.cat([single[0], multi[0]]), model), normalize=True)
+        image = model.encode_image(_normalize(torch.cat([empty[0], single[0], multi[0]]), model), normalize=True)
         text = model.encode_text(torch.stack([tokens[c] for c in captions]), normalize=True)
         logits = model.logit_scale.exp() * image @ text.T  # (B, B)
         ids = torch.tensor([captions.index(c) for c in captions])  # first occurrence of each caption

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import (agreed_exit, amp_dtype, cpu_threads, evaluate, first_error, format_table, in_step, is_main,
-                      setup_distributed, strict, write_json)
+from evaluate import (agreed_exit, amp_dtype, cpu_threads, eval_loader, evaluate, first_error, format_table,
+                      in_step, is_main, setup_distributed, strict, write_json)
 from losses import SetCriterion
 from model import TagCLIP, TagCLIPConfig, read_checkpoint
 
@@ -346,13 +346,14 @@ def train(args):
         generator=torch.Generator())  # keeps the global RNG (dropout) independent of the loader
     if val_set is not None:
         val_set.transform = eval_transform(model.mean, model.std, DATASETS[args.dataset].eval_short)
+        val_loader = eval_loader(val_set, args.workers, persistent=True)  # workers kept between evaluations
 
     text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
     luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
     unseen_ids = [classes.index(c) for c in unseen]
 
     def run_eval():
-        m = evaluate(model, val_set, classes, [c in seen for c in classes], workers=args.workers,
+        m = evaluate(model, val_loader, classes, [c in seen for c in classes],
                      mode='slide', crop=args.crop, stride=round(args.crop * 426 / 512), polarity=criterion.polarity,
                      calibration=(0.1 if args.setting == 'inductive' else 0.0) if args.calibration is None else args.calibration,
                      trusty_weighting=True, amp=amp)
@@ -375,7 +376,7 @@ def train(args):
     model.train()
     log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
     bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
-    metrics, t0 = None, time.time()
+    metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
     for images, labels in in_step(loader, device):
         if step >= args.iters:
             break
@@ -403,9 +404,10 @@ def train(args):
             bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in logged.items()} | {'lr': f'{scheduler.get_last_lr()[0]:.2e}'})
             if log:
                 log.write(json.dumps({'step': step, 'lr': scheduler.get_last_lr()[0], **logged,
-                                      'it/s': bar.format_dict['n'] / max(time.time() - t0, 1e-9)}) + '\n')
+                                      'it/s': (step - start_step) / (train_time + time.time() - t0)}) + '\n')
                 log.flush()
         if step % args.eval_every == 0 or step == args.iters:
+            train_time += time.time() - t0
             if val_set is not None:
                 metrics = run_eval()
                 score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
@@ -416,6 +418,7 @@ def train(args):
                     best = score
                     save_checkpoint(out_dir / 'best.pt', **state(metrics))
             save_checkpoint(out_dir / 'last.pt', **state(metrics))
+            t0 = time.time()
     bar.close()
     if is_main() and metrics is not None:
         print(format_table(metrics))
