@@ -128,12 +128,14 @@ def output_paths(out: Path, rel: Path, args):
 
 # ----------------------------------------------------------------------------- outputs
 
-def palette(n: int):
-    """(n, 3) uint8 distinct colours: the PASCAL VOC bit-interleaved colour map without its black 0."""
-    ids, rgb = np.arange(1, n + 1), np.zeros((n, 3), np.int64)
+def palette(names):
+    """(C, 3) uint8 distinct colours: the PASCAL VOC bit-interleaved colour map without its black 0;
+    a class named 'background' gets VOC's black (and is left untinted in the overlays)."""
+    ids, rgb = np.arange(1, len(names) + 1), np.zeros((len(names), 3), np.int64)
     for b in range(8):
         for c in range(3):
             rgb[:, c] |= ((ids >> (3 * b + c)) & 1) << (7 - b)
+    rgb[[n.lower() == 'background' for n in names]] = 0
     return rgb.astype(np.uint8)
 
 
@@ -149,7 +151,8 @@ def label_png(label, colours):
 def overlay(rgb, label, names, colours, alpha):
     """The image blended with the class colours; on its right a legend of the classes present, by area."""
     H, W = label.shape
-    blend = (rgb * (1 - alpha) + colours[label] * alpha).round().astype(np.uint8)  # (H, W, 3)
+    tint = alpha * np.array([n.lower() != 'background' for n in names])[label][..., None]  # (H, W, 1)
+    blend = (rgb * (1 - tint) + colours[label] * tint).round().astype(np.uint8)  # (H, W, 3)
     counts = np.bincount(label.ravel(), minlength=len(names))
     rows = [(k, f'{names[k]}  {100 * counts[k] / label.size:.1f}%') for k in np.argsort(-counts, kind='stable') if counts[k]]
     size = max(12, min(48, min(H, W) // 25))
@@ -277,7 +280,7 @@ def main(argv=None):
         amp = inference_amp(args.amp, device, model)
         text = class_text(model, names, settings['templates'], args.text_precision, args.text_embeddings)  # (C, d)
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)
-        transform, colours = eval_transform(model.mean, model.std, settings['short'], args.resize), palette(len(names))
+        transform, colours = eval_transform(model.mean, model.std, settings['short'], args.resize), palette(names)
     processed = 0
     for f, rel, paths in tqdm(jobs, desc='segment', unit='img', dynamic_ncols=True, disable=not jobs):
         try:  # whatever fails while decoding a user's file (PIL raises many kinds) skips that file

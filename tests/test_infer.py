@@ -268,3 +268,16 @@ def test_inference_under_autocast(ckpt, photos, amp, tmp_path):
         summary = run(ckpt, photos / 'grey.png', tmp_path, '--amp', 'bf16')
         label = np.asarray(Image.open(tmp_path / 'grey.png.label.png'))
         assert summary['processed'] == 1 and label.shape == (40, 50) and label.max() < len(names)
+
+
+def test_background_is_black_and_untinted():
+    from infer import overlay, palette
+    names = ['cat', 'Background', 'dog']
+    colours = palette(names)
+    assert colours[1].tolist() == [0, 0, 0] and colours[0].any() and colours[2].any()
+    assert colours[0].tolist() != colours[2].tolist()
+    rgb = np.full((4, 6, 3), 200, np.uint8)
+    label = np.array([[0, 1, 2] * 2] * 4)
+    img = np.asarray(overlay(rgb, label, names, colours, 0.5))[:4, :6]
+    assert (img[label == 1] == 200).all()  # background pixels: the photo as it is
+    assert (img[label == 0] == (rgb[0, 0] * 0.5 + colours[0] * 0.5).round()).all()
