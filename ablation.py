@@ -2,13 +2,15 @@
 
     python ablation.py --seeds 0 1 2 --out runs/ablation/results.json
 
-Rows as in Tab. 1: (a) ZegCLIP (`--no-trusty`: no token, no self-attention), (b) + the trusty token and
-relationship descriptor, (c) + the Trusty Learner, (d) + the Eq. 12 trusty weighting at inference, and
-(d) again with the trusty map trained by the paper's dice (Eq. 10) instead of the default loss. (c) and
-(d) are the same checkpoints evaluated without and with the weighting; every other row is trained
-separately. Every run is a plain `train.py` run on the same cached world and tiny CLIP with the same
-recipe; only the variant's flags and the training seed change. Finished runs are reused (their
-last.pt), so an interrupted ablation resumes.
+Rows as in Tab. 1: (a) the ZegCLIP twin (`--no-trusty`: no token, no self-attention; trained with the
+same focal weight 20 as TagCLIP, so that only the architecture differs), (b) + the trusty token and
+relationship descriptor, (c) + the Trusty Learner, (d) + the Eq. 12 trusty weighting at inference;
+then (d) with the trusty map trained by the authors' focal loss and by the paper's dice (Eq. 10)
+instead of the toy world's default 'balanced' loss. (c) and (d) are the same checkpoints evaluated
+without and with the weighting; every other row is trained separately. Every run is a plain
+`train.py` run on the same cached world and tiny CLIP with the same recipe; only the variant's flags
+and the training seed change. Finished runs are reused (their last.pt), so an interrupted ablation
+resumes, and several ablation.py processes (other --variants or --seeds) can share one --runs folder.
 """
 
 import argparse
@@ -22,11 +24,12 @@ import train
 from evaluate import evaluate_checkpoint, write_json
 
 VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
-    '(a) ZegCLIP (--no-trusty)': (['--no-trusty'], 'off'),
+    '(a) ZegCLIP twin (--no-trusty)': (['--no-trusty', '--weight-focal', '20'], 'off'),
     '(b) + trusty token': (['--no-trusty-learner'], 'off'),
     '(c) + Trusty Learner': ([], 'off'),
     '(d) + Eq. 12 weighting = TagCLIP': ([], 'on'),
-    '(d) with the dice trusty loss (Eq. 10)': (['--trusty-loss', 'dice'], 'on'),
+    "(d) with the authors' focal trusty loss": (['--trusty-loss', 'focal'], 'on'),
+    "(d) with the paper's dice trusty loss (Eq. 10)": (['--trusty-loss', 'dice'], 'on'),
 }
 COLUMNS = ('mIoU(S)', 'mIoU(U)', 'hIoU', 'pAcc', 'A-right(S)', 'A-right(U)')
 
@@ -50,10 +53,10 @@ def main():
     p.add_argument('--runs', default='runs/ablation', help='one train.py output folder per variant and seed')
     p.add_argument('--out', default='runs/ablation/results.json')
     p.add_argument('--train-args', default='', help="extra train.py flags for every run, e.g. '--iters 800'")
-    p.add_argument('--variants', default='abcdD', help="rows to run: a, b, c, d and D (d with the dice loss)")
+    p.add_argument('--variants', default='abcdFD', help="rows: a, b, c, d; F, D: d with the focal, dice trusty loss")
     args = p.parse_args()
     extra = args.train_args.split()
-    rows = {k: v for k, v in VARIANTS.items() if 'abcdD'[list(VARIANTS).index(k)] in args.variants}
+    rows = {k: v for k, v in VARIANTS.items() if 'abcdFD'[list(VARIANTS).index(k)] in args.variants}
 
     results = {}
     for name, (flags, weighting) in rows.items():
