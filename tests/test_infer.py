@@ -100,7 +100,7 @@ def test_folder_of_odd_images(first):
     assert {s['file'] for s in summary['skipped']} == BAD
     assert set(summary['images']) == set(GOOD) and summary['processed'] == len(GOOD)
     C = len(summary['vocabulary'])
-    assert C == 25 and sum(not v['seen'] for v in summary['vocabulary']) == 6  # the toy's unseen classes
+    assert C == 26 and sum(not v['seen'] for v in summary['vocabulary']) == 6  # the toy's unseen classes
     for rel, size in GOOD.items():
         label = Image.open(out / f'{rel}.label.png')
         assert label.mode == 'P' and label.size == size, rel
@@ -208,7 +208,7 @@ def test_text_and_resize_options(first, ckpt, photos, tmp_path):
     with pytest.raises(SystemExit, match='another vocabulary or settings'):
         run(ckpt, photos / 'rotated.jpg', tmp_path / 'b')
     np.save(tmp_path / 'few.npy', np.ones((3, 32), np.float32))
-    with pytest.raises(SystemExit, match=r'few.npy: shape \(3, 32\), expected \(25, 32\)'):
+    with pytest.raises(SystemExit, match=r'few.npy: shape \(3, 32\), expected \(26, 32\)'):
         run(ckpt, photos / 'rotated.jpg', tmp_path / 'c', '--text-embeddings', str(tmp_path / 'few.npy'))
 
 
