@@ -133,7 +133,7 @@ def test_transductive_switch_and_pseudo_labels(world, tmp_path, monkeypatch):
     forward = SetCriterion.forward
     monkeypatch.setattr(SetCriterion, 'forward', lambda self, out, *a: vocab_sizes.append(out['pred_masks'].shape[1]) or forward(self, out, *a))
     train.main(argv(world, tmp_path / 't', '--setting', 'transductive', '--iters', '4', '--no-eval', '--trusty', 'on'))
-    assert vocab_sizes == [19 + 1] * 2 + [25 + 1] * 2  # 19 seen classes first, all 25 from step iters/2
+    assert vocab_sizes == [20 + 1] * 2 + [26 + 1] * 2  # 20 seen classes (background too) first, all 26 from step iters/2
 
     logits = torch.zeros(1, 4, 1, 3)
     logits[0, 1, 0, :] = torch.tensor([5.0, -5.0, 5.0])   # unseen class 1
