@@ -12,22 +12,14 @@ import torch
 import train
 from evaluate import predict
 from model import TagCLIP
-from toy import generate_world
+from tests.test_train import argv as train_argv, world  # noqa: F401 (the toy world fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp('toy')
-    generate_world(root, n_train=4, n_val=2, seed=0)
-    return root
-
-
 def argv(world, out, *extra):
-    return ['--dataset', 'toy', '--data-root', str(world), '--toy-images', '4', '2', '--clip-model', 'tiny_test_clip',
-            '--pretrained', 'none', '--n-prompts', '2', '--heads', '4', '--workers', '0', '--out-dir', str(out),
-            '--batch-size', '2', '--iters', '1', '--warmup', '1', '--no-eval', *extra]
+    """test_train's command line, one step of batch 2, no evaluation."""
+    return train_argv(world, out, '--batch-size', '2', '--iters', '1', '--warmup', '1', '--no-eval', *extra)
 
 
 @pytest.fixture(scope='module')
