@@ -272,12 +272,12 @@ def main(argv=None):
 
 def train(args):
     rank, world, device = setup_distributed()
-    if device.type == 'cpu':
-        torch.set_num_threads(args.threads or cpu_threads(args.workers))
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
     if args.dataset == 'toy':
-        prepare_toy(args, rank, world)
+        prepare_toy(args, rank, world)  # its tiny-CLIP pretraining has no data workers: every core
+    if device.type == 'cpu':
+        torch.set_num_threads(args.threads or cpu_threads(args.workers))
     args.pretrained = args.pretrained or 'openai'
     pretrained = None if args.pretrained == 'none' else args.pretrained
     random.seed(args.seed + rank)
