@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import train
-from evaluate import evaluate_checkpoint, write_json
+from evaluate import evaluate_checkpoint
+from runtime import write_json
 
 VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
     '(a) ZegCLIP twin (--no-trusty)': (['--no-trusty', '--weight-focal', '20'], 'off'),

@@ -25,10 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import (agreed_exit, amp_dtype, cpu_threads, eval_loader, evaluate, first_error, format_table,
-                      in_step, is_main, setup_distributed, strict, write_json)
+from evaluate import amp_dtype, eval_loader, evaluate, format_table
 from losses import SetCriterion
 from model import TagCLIP, TagCLIPConfig, read_checkpoint
+from runtime import agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed, strict, write_json
 
 # the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
 # Its trusty map is trained with the 'balanced' loss (losses.py), a choice the toy world motivated (README).
@@ -274,8 +274,10 @@ def train(args):
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
+    if device.type == 'cpu' and args.threads:
+        torch.set_num_threads(args.threads)  # an explicit --threads holds for the toy CLIP pretraining too
     if args.dataset == 'toy':
-        prepare_toy(args, rank, world)  # its tiny-CLIP pretraining has no data workers: every core
+        prepare_toy(args, rank, world)  # otherwise its tiny-CLIP pretraining (no data workers) takes every core
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cpu_threads(args.workers))
     args.pretrained = args.pretrained or 'openai'

@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from evaluate import (class_text, compute_metrics, confusion_matrix, cpu_threads, evaluate, load_text_embeddings,
+from evaluate import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
                       slide_inference, window_grid, window_scores)
 from model import TagCLIP, TagCLIPConfig
+from runtime import cpu_threads
 from tests.conftest import TINY_CLIP
 
 NAMES = ['red thing', 'blue thing', 'green thing']
