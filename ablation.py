@@ -5,9 +5,9 @@
 Rows as in Tab. 1: (a) the ZegCLIP twin (`--no-trusty`: no token, no self-attention; trained with the
 same focal weight 20 as TagCLIP, so that only the architecture differs), (b) + the trusty token and
 relationship descriptor, (c) + the Trusty Learner, (d) + the Eq. 12 trusty weighting at inference;
-then (d) with the trusty map trained by the authors' focal loss and by the paper's dice (Eq. 10)
-instead of the toy world's default 'balanced' loss. (c) and (d) are the same checkpoints evaluated
-without and with the weighting; every other row is trained separately. Every run is a plain
+then (d) with the authors' focal trusty loss as they set it (alpha 0.25 on the unseen pixels, where
+the toy default is 0.75) and with the paper's dice (Eq. 10). (c) and (d) are the same checkpoints
+evaluated without and with the weighting; every other row is trained separately. Every run is a plain
 `train.py` run on the same cached world and tiny CLIP with the same recipe; only the variant's flags
 and the training seed change. Finished runs are reused (their last.pt), so an interrupted ablation
 resumes, and several ablation.py processes (other --variants or --seeds) can share one --runs folder.
@@ -29,7 +29,7 @@ VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
     '(b) + trusty token': (['--no-trusty-learner'], 'off'),
     '(c) + Trusty Learner': ([], 'off'),
     '(d) + Eq. 12 weighting = TagCLIP': ([], 'on'),
-    "(d) with the authors' focal trusty loss": (['--trusty-loss', 'focal'], 'on'),
+    "(d) with the authors' trusty alpha 0.25": (['--trusty-alpha', '0.25'], 'on'),
     "(d) with the paper's dice trusty loss (Eq. 10)": (['--trusty-loss', 'dice'], 'on'),
 }
 COLUMNS = ('mIoU(S)', 'mIoU(U)', 'hIoU', 'pAcc', 'A-right(S)', 'A-right(U)')
@@ -54,7 +54,7 @@ def main():
     p.add_argument('--runs', default='runs/ablation', help='one train.py output folder per variant and seed')
     p.add_argument('--out', default='runs/ablation/results.json')
     p.add_argument('--train-args', default='', help="extra train.py flags for every run, e.g. '--iters 800'")
-    p.add_argument('--variants', default='abcdFD', help="rows: a, b, c, d; F, D: d with the focal, dice trusty loss")
+    p.add_argument('--variants', default='abcdFD', help="rows: a, b, c, d; F: d with alpha 0.25; D: d with the dice trusty loss")
     args = p.parse_args()
     extra = args.train_args.split()
     rows = {k: v for k, v in VARIANTS.items() if 'abcdFD'[list(VARIANTS).index(k)] in args.variants}

@@ -89,7 +89,7 @@ DATASETS = {
     # Context is only a cross-dataset target in the paper; 40k is mmseg's Context schedule.
     'context59': DatasetInfo(CONTEXT59_CLASSES, (), 512, 512, 'ensemble', 10, 40000),
     'context60': DatasetInfo(('background',) + CONTEXT59_CLASSES, (), 512, 512, 'ensemble', 10, 40000),
-    'toy': DatasetInfo(TOY_CLASSES, TOY_UNSEEN, 64, 64, 'single', 10, 1500),
+    'toy': DatasetInfo(TOY_CLASSES, TOY_UNSEEN, 64, 64, 'single', 10, 3000),
 }
 
 

@@ -1,9 +1,9 @@
 """Offline toy world: a synthetic segmentation dataset plus a tiny CLIP pretrained on it.
 
 A newcomer without a GPU, weights or datasets can run TagCLIP end to end in minutes
-(DESIGN §12). 25 classes = 5 colours x 5 surface patterns ("red striped"); 1-3 circles or
-squares per 64 x 64 image. A tiny open_clip ViT (toy_clip.json) learns all 25 concepts
-contrastively, seen and unseen alike, as a real CLIP has; TagCLIP then trains on the seen
+(DESIGN §12). 25 classes = 5 colours x 5 surface patterns ("red striped"); 1-2 circles or
+squares (radius 13-20 px) per 64 x 64 image. A tiny open_clip ViT (toy_clip.json) learns all 25
+concepts contrastively, seen and unseen alike, as a real CLIP has; TagCLIP then trains on the seen
 classes only. Unseen objects do appear in training images (their pixels are masked by the
 training code), the standard inductive protocol.
 
@@ -30,10 +30,11 @@ CLIP_NAME = 'toy_clip'
 CLIP_CONFIG = Path(__file__).with_name('toy_clip.json')
 # Default pretraining length. Measured on 2 idle CPU cores (0.6 s/step): ~4.3 min, zero-shot 96%
 # (seen 97%, unseen 93%); 350 steps reached 87% and 300 steps 81%: the patterns click late.
+# On world 2 (bigger objects) and with 'background': zero-shot seen 99.7%, unseen 98.7%.
 CLIP_STEPS = 400
 PERIOD = (4, 6)  # pattern period in pixels: smallest, largest (patch size 8)
-WORLD_VERSION = 1  # bump when the renderer changes, so cached worlds are regenerated
-CLIP_VERSION = 2   # bump when CLIP pretraining changes (2: empty images captioned 'background')
+WORLD_VERSION = 2  # bump when the renderer changes, so cached worlds are regenerated (2: bigger objects, <= 2)
+CLIP_VERSION = 3   # bump when CLIP pretraining changes (2: empty images captioned 'background'; 3: world 2)
 RGB = torch.tensor([  # one row per TOY_COLOURS entry: red, green, blue, yellow, purple
     [0.86, 0.14, 0.12], [0.14, 0.68, 0.20], [0.16, 0.30, 0.90], [0.92, 0.84, 0.12], [0.60, 0.18, 0.74]])
 
@@ -70,7 +71,7 @@ def _pattern(kind, x, y, period, phase_x, phase_y):
     return masks[kind, torch.arange(len(kind))]  # solid, striped (|||), barred (≡), checkered, dotted
 
 
-def render(n, size=64, generator=None, min_objects=1, max_objects=3, classes=None):
+def render(n, size=64, generator=None, min_objects=1, max_objects=2, classes=None):
     """Draw n toy images with one generator: deterministic given its state.
 
     classes: optional (n, max_objects) class indices to draw instead of random ones.
@@ -89,7 +90,7 @@ def render(n, size=64, generator=None, min_objects=1, max_objects=3, classes=Non
     label = torch.full((n, size, size), 255, dtype=torch.uint8)
     count = torch.randint(min_objects, max_objects + 1, (n,), generator=g)
     cls = torch.randint(0, 25, (n, K), generator=g) if classes is None else classes.long().reshape(n, K)
-    radius = size * (0.14 + 0.12 * rand(n, K))
+    radius = size * (0.20 + 0.12 * rand(n, K))
     cx, cy = (radius + (size - 2 * radius) * rand(n, K) for _ in range(2))
     square = rand(n, K) < 0.5
     period = torch.randint(PERIOD[0], PERIOD[1] + 1, (n, K), generator=g).float()
@@ -174,7 +175,7 @@ def pretrain_clip(out_path, steps=CLIP_STEPS, batch=128, seed=0, lr=1e-3, warmup
     Captions name all 25 classes, seen and unseen: a real CLIP has seen every concept.
     empty_frac of each batch are images without objects captioned "a photo of a background." (so
     'background' is a concept it knows), single_frac one-object images captioned "a photo of a red
-    checkered.", the rest 1-3 objects captioned "a red solid and a blue dotted.". Images are drawn fresh
+    checkered.", the rest 1-2 objects captioned "a red solid and a blue dotted.". Images are drawn fresh
     every step from a flip-symmetric distribution, so no augmentation is needed. Pairs with
     identical captions are all positives of each other (soft targets) rather than negatives.
     Saves model.state_dict(), loadable with open_clip.create_model('toy_clip', pretrained=path).

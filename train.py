@@ -31,9 +31,9 @@ from model import TagCLIP, TagCLIPConfig, read_checkpoint
 from runtime import agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed, strict, write_json
 
 # the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
-# Its trusty map is trained with the 'balanced' loss (losses.py), a choice the toy world motivated (README).
-TOY_DEFAULTS = dict(batch_size=16, lr=1e-3, warmup=100, eval_every=500, workers=1, ratio_range=(1.0, 1.0),
-                    photometric='off', trusty_loss='balanced')
+# Its trusty map's focal loss weights the unseen pixels 0.75 (authors: 0.25), a choice the toy world motivated (README).
+TOY_DEFAULTS = dict(batch_size=8, lr=1e-3, warmup=100, eval_every=1000, workers=1, ratio_range=(1.0, 1.0),
+                    photometric='off', trusty_alpha=0.75)
 
 
 def get_args(argv=None):
@@ -66,17 +66,17 @@ def get_args(argv=None):
     a('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
     a = p.add_argument_group('loss').add_argument
     a('--trusty-loss', default=None, choices=['focal', 'dice', 'balanced'],
-      help="focal: authors' code (default; toy: balanced); dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE")
+      help="focal: authors' code (default); dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE")
     a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
     a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
     a('--weight-focal', type=float, default=None,
       help="default 20 (TagCLIP's configs); 100 with --no-trusty / --trusty off (ZegCLIP's recipe)")
     a('--weight-dice', type=float, default=1.0)
     a('--weight-trusty', type=float, default=10.0)
-    a('--trusty-alpha', type=float, default=0.25, help="focal alpha of the trusty map's unseen pixels (authors: 0.25)")
+    a('--trusty-alpha', type=float, default=None, help="focal alpha of the trusty map's unseen pixels (default 0.25, the authors'; toy 0.75)")
     a = p.add_argument_group('optimisation').add_argument
-    a('--iters', type=int, default=None, help="default: VOC 20k, COCO-Stuff 80k, toy 1.5k")
-    a('--batch-size', type=int, default=None, help='global batch, split over ranks (default 16)')
+    a('--iters', type=int, default=None, help="default: VOC 20k, COCO-Stuff 80k, toy 3k")
+    a('--batch-size', type=int, default=None, help='global batch, split over ranks (default 16; toy 8)')
     a('--lr', type=float, default=None, help='AdamW lr for every trainable parameter (default 2e-4; toy 1e-3)')
     a('--weight-decay', type=float, default=0.01)
     a('--exempt-norms', action='store_true', help='no weight decay on norms, biases, prompts, t_A')
@@ -88,7 +88,7 @@ def get_args(argv=None):
     a('--seed', type=int, default=0)
     a('--threads', type=int, default=0, help='CPU: torch threads per process (0: the cores the data workers leave free)')
     a = p.add_argument_group('run').add_argument
-    a('--eval-every', type=int, default=None, help='evaluate and checkpoint every N steps (default 2000; toy 500)')
+    a('--eval-every', type=int, default=None, help='evaluate and checkpoint every N steps (default 2000; toy 1000)')
     a('--log-every', type=int, default=20)
     a('--resume', default=None, help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
     a('--init-from', default=None, help='start from these weights with a fresh schedule (two-stage transductive)')
@@ -105,7 +105,7 @@ def fill_defaults(args):
     info = DATASETS[args.dataset]
     toy = args.dataset == 'toy'
     dflt = {'batch_size': 16, 'lr': 2e-4, 'warmup': 1500, 'eval_every': 2000, 'workers': 4, 'trusty_loss': 'focal',
-            'ratio_range': (0.5, 2.0), 'photometric': 'on',
+            'ratio_range': (0.5, 2.0), 'photometric': 'on', 'trusty_alpha': 0.25,
             **(TOY_DEFAULTS if toy else {}),
             'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts, 'templates': info.templates,
             'clip_model': 'toy_clip' if toy else 'ViT-B-16', 'out_dir': f'runs/{args.dataset}-{args.setting}',

@@ -206,3 +206,11 @@ def test_mixed_precision_steps(world, tmp_path, monkeypatch, amp, dtype):
     log = [json.loads(l) for l in (tmp_path / amp / 'log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in log if 'loss' in r] == [1, 2] and all(math.isfinite(r['loss']) for r in log if 'loss' in r)
     assert 0 < metrics['summary']['pAcc'] <= 100 and math.isfinite(metrics['summary']['mIoU(S)'])
+
+
+def test_toy_recipe_and_real_defaults():
+    toy = train.get_args([])
+    assert (toy.batch_size, toy.iters, toy.trusty_loss, toy.trusty_alpha, toy.photometric) == (8, 3000, 'focal', 0.75, 'off')
+    voc = train.get_args(['--dataset', 'voc', '--data-root', 'x'])  # the authors' recipe
+    assert (voc.batch_size, voc.iters, voc.trusty_loss, voc.trusty_alpha, voc.photometric) == (16, 20000, 'focal', 0.25, 'on')
+    assert train.get_args(['--trusty-alpha', '0.25']).trusty_alpha == 0.25
