@@ -32,6 +32,7 @@ VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
     "(d) with the authors' trusty alpha 0.25": (['--trusty-alpha', '0.25'], 'on'),
     "(d) with the paper's dice trusty loss (Eq. 10)": (['--trusty-loss', 'dice'], 'on'),
 }
+LETTERS = 'abcdFD'  # the --variants letter of each VARIANTS row, in order
 COLUMNS = ('mIoU(S)', 'mIoU(U)', 'hIoU', 'pAcc', 'A-right(S)', 'A-right(U)')
 
 
@@ -54,10 +55,10 @@ def main():
     p.add_argument('--runs', default='runs/ablation', help='one train.py output folder per variant and seed')
     p.add_argument('--out', default='runs/ablation/results.json')
     p.add_argument('--train-args', default='', help="extra train.py flags for every run, e.g. '--iters 800'")
-    p.add_argument('--variants', default='abcdFD', help="rows: a, b, c, d; F: d with alpha 0.25; D: d with the dice trusty loss")
+    p.add_argument('--variants', default=LETTERS, help="rows: a, b, c, d; F: d with alpha 0.25; D: d with the dice trusty loss")
     args = p.parse_args()
     extra = args.train_args.split()
-    rows = {k: v for k, v in VARIANTS.items() if 'abcdFD'[list(VARIANTS).index(k)] in args.variants}
+    rows = {k: v for letter, (k, v) in zip(LETTERS, VARIANTS.items()) if letter in args.variants}
 
     results = {}
     for name, (flags, weighting) in rows.items():
