@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data import COCO_STUFF_CLASSES
 from evaluate import slide_inference
+from checkpoint import build_model
 from model import TEMPLATES, TagCLIP, TagCLIPConfig
 
 # the ratios the implementation should reach (the brief; DESIGN §7: windows batched, text cached)
@@ -223,8 +224,8 @@ def main(argv=None):
     # TagCLIP (trusty token + Trusty Learner, the default) and ZegCLIP (no token, no self-attention),
     # sharing one frozen CLIP; the bare tower runs that same CLIP
     base = dict(clip_model=args.clip_model, pretrained=None, n_prompts=args.n_prompts)
-    tag = TagCLIP(TagCLIPConfig(**base)).to(device).eval()
-    zeg = TagCLIP(TagCLIPConfig(**base, trusty=False)).eval()
+    tag = build_model(TagCLIPConfig(**base)).to(device).eval()
+    zeg = build_model(TagCLIPConfig(**base, trusty=False)).eval()
     params = {'trusty': count_params(tag), 'no_trusty': count_params(zeg)}
     zeg.clip = tag.clip
     zeg.to(device)

@@ -11,13 +11,12 @@ import argparse
 import importlib
 import math
 import re
-from dataclasses import asdict
 
 import torch
 
 from data import DATASETS
-from model import TagCLIP, TagCLIPConfig, read_checkpoint
-from train import save_checkpoint
+from checkpoint import build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from model import TagCLIPConfig
 
 # their decoder layer -> ours (DESIGN §13: norm2/norm3 follow the cross-attention and the FFN)
 LAYER = {'multihead_attn.q.': 'q_proj.', 'multihead_attn.k.': 'k_proj.', 'multihead_attn.v.': 'v_proj.',
@@ -106,7 +105,7 @@ def convert(sd: dict, dataset: str, setting: str, clip_model: str | None = None,
                         decoder_layers=layers, trusty='trusty_token' in ours, trusty_learner='trusty_learner.norm.weight' in ours,
                         templates=info.templates, double_cls_embedding=True, imagenet_mean_std=True,
                         pos_table_grid=g, fp32_inference=True)
-    model = TagCLIP(cfg, clip_state={})  # the architecture only; every weight comes from their file
+    model = build_model(cfg, clip_state={})  # the architecture only; every weight comes from their file
     expected = model.state_dict()
     for k, v in ours.items():
         if k not in expected:
@@ -118,10 +117,9 @@ def convert(sd: dict, dataset: str, setting: str, clip_model: str | None = None,
         raise ValueError(f'missing key for {missing[0]}' + (f' and {len(missing) - 1} more' if len(missing) > 1 else ''))
     model.load_state_dict(ours, strict=False)
     unseen = [] if setting == 'fully' else list(info.unseen)
-    ckpt = dict(config=asdict(cfg), model=model.trainable_state_dict(), clip=model.clip.state_dict(),
-                classes={'dataset': dataset, 'names': list(info.classes), 'seen': [c for c in info.classes if c not in unseen],
-                         'unseen': unseen},
-                setting=setting, polarity='unseen', args={'data_root': None}, converted_from=layout)
+    classes = {'dataset': dataset, 'names': list(info.classes), 'seen': [c for c in info.classes if c not in unseen],
+               'unseen': unseen}
+    ckpt = make_checkpoint(model, classes, setting, 'unseen', {'data_root': None}, store_clip=True, converted_from=layout)
     return ckpt, dropped
 
 
@@ -151,7 +149,7 @@ def main(argv=None):
         ckpt, dropped = convert(raw['state_dict'], dataset, setting, args.clip_model)
     except ValueError as e:
         raise SystemExit(f'error: {args.input}: {e}') from None
-    save_checkpoint(args.output, **ckpt)
+    save_checkpoint(args.output, ckpt)
     cfg, kinds = ckpt['config'], sorted({re.sub(r'layers\.\d+\.', 'layers.*.', k) for k in dropped})
     print(f"{args.input}: {ckpt['converted_from']} layout, {cfg['clip_model']}, {cfg['n_prompts']} prompts per layer, "
           f"trusty token {'on' if cfg['trusty'] else 'off'}, {dataset} {setting}; dropped {len(dropped)} tensors "

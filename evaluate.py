@@ -19,11 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DATASETS, RESIZES, DatasetError, build_dataset, eval_transform
-from model import TagCLIP, read_checkpoint, trusty_scores
+from data import DATASETS, IGNORE_INDEX, RESIZES, DatasetError, build_dataset, eval_transform
+from checkpoint import INFERENCE_KEYS, load_model, read_checkpoint
+from model import seen_probability, trusty_scores
 from runtime import agreed_exit, first_error, in_step, rank_world, setup_distributed, write_json
-
-IGNORE = 255
 
 
 # ----------------------------------------------------------------------------- precision
@@ -37,10 +36,6 @@ def amp_dtype(name: str, device):
 def inference_amp(name: str, device, model):
     """amp_dtype, except that 'auto' stays fp32 for a model whose config asks for it (converted ones)."""
     return None if name == 'auto' and model.cfg.fp32_inference else amp_dtype(name, device)
-
-
-# what evaluate.py and infer.py read from a checkpoint
-CHECKPOINT_KEYS = ('config', 'model', 'classes', 'setting', 'polarity')
 
 
 # ----------------------------------------------------------------------------- inference
@@ -71,8 +66,7 @@ def window_scores(model, windows, text, seen, calibration=0.0, trusty_weighting=
     S = trusty_scores(logits, seen, calibration, trusty_weighting, polarity)  # (n, C, h, w)
     C = seen.numel()
     if logits.shape[1] == C + 1:
-        A = logits[:, C:].sigmoid()
-        S = torch.cat([S, 1 - A if polarity == 'unseen' else A], 1)
+        S = torch.cat([S, seen_probability(logits[:, C:], polarity)], 1)
     return S
 
 
@@ -142,7 +136,7 @@ def class_text(model, class_names, templates=None, precision='fp32', path=None):
 
 def confusion_matrix(pred, label, num_classes: int):
     """(C, C) counts, rows = ground truth, columns = prediction; label-255 pixels are skipped."""
-    keep = label != IGNORE
+    keep = label != IGNORE_INDEX
     idx = label[keep].long() * num_classes + pred[keep].long()
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
@@ -193,7 +187,7 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
         scores = predict(model, sample['image'], text, seen, label.shape[-2:], **kw)  # (C[+1], H, W)
         conf += confusion_matrix(scores[:C].argmax(0), label, C)
         if scores.shape[0] > C:  # the trusty map A: is it right about which pixels are seen?
-            keep = label != IGNORE
+            keep = label != IGNORE_INDEX
             trusty += confusion_matrix(scores[C][keep] > 0.5, seen[label[keep]], 2)
     if world > 1:
         dist.all_reduce(conf)
@@ -231,13 +225,13 @@ def evaluate_checkpoint(path, dataset=None, data_root=None, split='val', pretrai
     every argument left None/'auto' takes that default; `resize`, `text_precision` and
     `text_embeddings` (a .npy path) as DESIGN §15. Returns evaluate(...)'s metrics."""
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    ckpt = read_checkpoint(path, needs=CHECKPOINT_KEYS)
+    ckpt = read_checkpoint(path, needs=INFERENCE_KEYS)
     name = dataset or ckpt['classes']['dataset']
     info = DATASETS[name]
     data_root = data_root or ckpt.get('args', {}).get('data_root')
     if data_root is None:
         raise SystemExit(f'error: {path} names no dataset folder: pass --data-root')
-    model = TagCLIP.from_checkpoint(ckpt, pretrained).to(device)
+    model = load_model(ckpt, pretrained).to(device)
     try:
         data, error = build_dataset(name, data_root, split,
                                     eval_transform(model.mean, model.std, info.eval_short, resize)), None

@@ -27,8 +27,10 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from data import DATASETS, RESIZES, eval_transform
-from evaluate import CHECKPOINT_KEYS, class_text, inference_amp, predict
-from model import TEMPLATES, TagCLIP, read_checkpoint
+from checkpoint import INFERENCE_KEYS, load_model, read_checkpoint
+from evaluate import class_text, inference_amp, predict
+from model import TEMPLATES
+from runtime import atomic_write
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
@@ -178,12 +180,10 @@ def save(obj, path: Path, **kw):
     """Atomic (temp file + os.replace): an interrupted run never leaves a half-written output.
     obj: a PIL image, or text."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
     if isinstance(obj, str):
-        tmp.write_text(obj)
+        atomic_write(path, lambda tmp: tmp.write_text(obj))
     else:
-        obj.save(tmp, format={'.png': 'PNG', '.jpg': 'JPEG'}[path.suffix], **kw)
-    os.replace(tmp, path)
+        atomic_write(path, lambda tmp: obj.save(tmp, format={'.png': 'PNG', '.jpg': 'JPEG'}[path.suffix], **kw))
 
 
 def record(label, label_path: Path, out: Path, names):
@@ -226,7 +226,7 @@ def main(argv=None):
     args = get_args(argv)
     out = Path(args.output)
     root, files = list_inputs(Path(args.input), out)
-    ckpt = read_checkpoint(args.checkpoint, needs=CHECKPOINT_KEYS)
+    ckpt = read_checkpoint(args.checkpoint, needs=INFERENCE_KEYS)
     info = DATASETS[ckpt['classes']['dataset']]
     names = read_vocabulary(args, ckpt['classes']['names'])
     trained = {n.lower() for n in ckpt['classes']['seen']}  # the CLIP tokenizer lower-cases anyway
@@ -276,7 +276,7 @@ def main(argv=None):
 
     if jobs:
         device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
-        model = TagCLIP.from_checkpoint(ckpt, args.pretrained).to(device).eval()
+        model = load_model(ckpt, args.pretrained).to(device).eval()
         amp = inference_amp(args.amp, device, model)
         text = class_text(model, names, settings['templates'], args.text_precision, args.text_embeddings)  # (C, d)
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)

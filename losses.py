@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = 255
+from data import IGNORE_INDEX
 
 
 def sigmoid_focal(logits, target, valid, alpha: float = 0.25, gamma: float = 2.0):
@@ -58,7 +58,7 @@ class SetCriterion(nn.Module):
         pixels = 255; unseen (B, H, W) bool: pixels of unseen classes (from the unmasked label)."""
         B, H, W = label.shape
         C = outputs['pred_masks'].shape[1] - int(self.trusty)
-        valid = label != IGNORE                                              # (B, H, W)
+        valid = label != IGNORE_INDEX                                              # (B, H, W)
         classes = torch.arange(C, device=label.device).view(1, C, 1, 1)
         target = (label.unsqueeze(1) == classes).flatten(2).float()          # (B, C, HW) one-hot G_R
         present = target.sum(-1) > 0                                         # (B, C)

@@ -13,11 +13,6 @@ Shapes: B images, C classes, N = (H/p)(W/p) patches, D visual width, d joint (te
 
 import copy
 import math
-import os
-import pickle
-import re
-import struct
-import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,83 +64,6 @@ class TagCLIPConfig:
     fp32_inference: bool = False
 
 
-# what torch.load(weights_only=True) raises on a file that is not a readable checkpoint (torch 2.x)
-LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, struct.error, OSError)
-
-
-def load_error(e: BaseException) -> str:
-    """One line on why torch.load(weights_only=True) failed; never advises weights_only=False."""
-    if isinstance(e, pickle.UnpicklingError):
-        found = re.search(r'GLOBAL (\S+)', str(e))
-        return (f'holds a Python object ({found.group(1)}) that only tensors-and-containers loading refuses'
-                if found else 'not a PyTorch checkpoint (unreadable data)')
-    if isinstance(e, EOFError):
-        return 'empty or truncated file'
-    if isinstance(e, OSError):
-        return e.strerror or type(e).__name__
-    if isinstance(e, RuntimeError) and 'zip archive' in str(e):
-        return 'truncated or corrupt file (its zip archive cannot be read)'
-    return f'not a PyTorch checkpoint ({type(e).__name__})'
-
-
-def read_checkpoint(path, needs=('config', 'model'), what='a checkpoint of this project (train.py, convert.py)',
-                    hint: str = '', safe_globals=()):
-    """torch.load(path, weights_only=True) as a dict holding `needs`, or a one-line SystemExit naming
-    the file and what is wrong with it. `safe_globals`: classes the user chose to trust as well."""
-    if os.path.isdir(path):
-        raise SystemExit(f'error: {path}: a folder, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: {path}: no such file')
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except LOAD_ERRORS as e:
-        unsafe = isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e)
-        raise SystemExit(f"error: {path}: {load_error(e)}{hint if unsafe else ''}") from None
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f'error: {path}: not {what} (it holds a {type(ckpt).__name__})')
-    missing = [k for k in needs if k not in ckpt]
-    if missing:
-        raise SystemExit(f"error: {path}: not {what} (no {', '.join(missing)}; "
-                         f"it holds {', '.join(map(str, list(ckpt)[:6])) or 'nothing'})")
-    if 'config' in needs:
-        unknown = set(ckpt['config']) - set(TagCLIPConfig.__dataclass_fields__) if isinstance(ckpt['config'], dict) else {'?'}
-        if unknown:
-            raise SystemExit(f"error: {path}: not {what} (unknown config fields {sorted(map(str, unknown))[:5]})")
-    return ckpt
-
-
-def load_clip(name: str, pretrained: str | None, weights: bool = True) -> nn.Module:
-    """An open_clip model from a tag ('openai'), a local open_clip checkpoint, the OpenAI
-    TorchScript file (e.g. ViT-B-16.pt, as the official repos use), or None (random weights).
-    Tags whose weights were trained with QuickGELU (OpenAI's) get it. weights=False: the architecture
-    only (the caller loads weights a checkpoint stores), nothing is read or downloaded."""
-    tag = pretrained if pretrained and not os.path.isfile(pretrained) else None
-    quick_gelu = bool(tag) and open_clip.get_pretrained_cfg(name, tag).get('quick_gelu', False)
-    if not weights:
-        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-    if pretrained and os.path.isfile(pretrained) and _is_torchscript(pretrained):
-        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)  # OpenAI uses QuickGELU
-        state = torch.jit.load(pretrained, map_location='cpu').state_dict()
-        expected = clip.state_dict()  # drops TorchScript extras (input_resolution, attn_mask, ...)
-        clip.load_state_dict({k: v for k, v in state.items() if k in expected})
-        return clip
-    if pretrained and os.path.exists(pretrained):  # a bad file: one line, not open_clip's traceback
-        read_checkpoint(pretrained, needs=(), what='CLIP weights')
-    try:
-        return open_clip.create_model(name, pretrained=pretrained or None, force_quick_gelu=quick_gelu)
-    except RuntimeError as e:
-        raise RuntimeError(f"could not load CLIP '{name}' with weights '{pretrained}': {e} "
-                           f"(offline? pass a local file, e.g. --pretrained ViT-B-16.pt)") from None
-
-
-def _is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith('constants.pkl') for n in z.namelist())
-
-
 class TrustyLearner(nn.Module):
     """Eq. 5: T~ = Norm(MHSA(T^) + T^). Self-attention across the C class queries and the trusty
     token, so t_A sees every class and its relation to the image (DESIGN §4)."""
@@ -189,16 +107,13 @@ class ATMLayer(nn.Module):
 
 
 class TagCLIP(nn.Module):
-    def __init__(self, cfg: TagCLIPConfig, clip_state: dict | None = None):
-        """clip_state: the frozen CLIP's weights as a checkpoint stores them (then nothing is downloaded)."""
+    def __init__(self, cfg: TagCLIPConfig, clip: nn.Module):
+        """clip: the open_clip model to freeze (checkpoint.build_model makes it from cfg.pretrained)."""
         super().__init__()
         self.cfg = cfg
-        self.clip = load_clip(cfg.clip_model, cfg.pretrained, weights=clip_state is None)
+        self.clip = clip
         if cfg.pos_table_grid:  # authors' quirk: their positional table, resized once when they loaded CLIP
-            v = self.clip.visual
-            v.positional_embedding = nn.Parameter(self.positional_embedding(cfg.pos_table_grid, cfg.pos_table_grid))
-        if clip_state:  # {}: the architecture only (convert.py loads the weights)
-            self.clip.load_state_dict(clip_state)
+            clip.visual.positional_embedding = nn.Parameter(self.positional_embedding(cfg.pos_table_grid, cfg.pos_table_grid))
         self.clip.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)
         visual = self.clip.visual
@@ -249,18 +164,6 @@ class TagCLIP(nn.Module):
         if self.cfg.imagenet_mean_std:  # (58.395, 57.12, 57.375) / 255
             return IMAGENET_STD
         return tuple(getattr(self.clip.visual, 'image_std', None) or open_clip.OPENAI_DATASET_STD)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict, pretrained: str | None = None):
-        """Rebuild from a train.py or convert.py checkpoint ({'config', 'model', ['clip'], ...}). The
-        frozen CLIP comes from ckpt['clip'] where the checkpoint stores it (converted ones, and those
-        trained from random CLIP weights), else from the config's `pretrained`; `pretrained` overrides both."""
-        cfg = TagCLIPConfig(**ckpt['config'])
-        if pretrained is not None:
-            cfg.pretrained = pretrained
-        model = cls(cfg, ckpt.get('clip') if pretrained is None else None)
-        model.load_trainable_state_dict(ckpt['model'])
-        return model
 
     @torch.no_grad()
     def encode_text(self, class_names, templates: str | None = None, chunk: int = 1024, precision: str = 'fp32'):
@@ -397,6 +300,13 @@ def fp16_text_tower(clip):
     return tower
 
 
+def seen_probability(trusty_logits, polarity: str = 'unseen'):
+    """The trusty map A = P(pixel belongs to a seen class) from M_A. polarity: what sigmoid(M_A) was
+    trained to predict ('unseen': the authors' focal loss, so A = 1 - sigmoid(M_A); 'seen': Eq. 10's dice)."""
+    p = trusty_logits.float().sigmoid()
+    return 1 - p if polarity == 'unseen' else p
+
+
 def trusty_scores(mask_logits, seen, calibration: float = 0.1, trusty_weighting: bool = True,
                   polarity: str = 'unseen'):
     """Eq. 12 (as DESIGN §7 reads it) on upsampled logits. mask_logits (B, C[+1], H, W), seen (C,) bool.
@@ -407,7 +317,6 @@ def trusty_scores(mask_logits, seen, calibration: float = 0.1, trusty_weighting:
     seen = seen.to(mask_logits.device).view(1, C, 1, 1)
     S = mask_logits[:, :C].float().sigmoid() - calibration * seen
     if trusty_weighting and mask_logits.shape[1] == C + 1:
-        A = mask_logits[:, C:].float().sigmoid()  # (B, 1, H, W)
-        A = 1 - A if polarity == 'unseen' else A
+        A = seen_probability(mask_logits[:, C:], polarity)  # (B, 1, H, W)
         S = torch.where(seen, S * A, S * (1 - A))
     return S

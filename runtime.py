@@ -1,16 +1,28 @@
 """Process-level helpers shared by train.py, evaluate.py and infer.py: torchrun's distributed set-up
 (global rank for shards and rank-0 writes, local rank only for the GPU), errors that every rank agrees
-on so that one line comes out, CPU thread sizing, and strict JSON written atomically."""
+on so that one line comes out, CPU thread sizing, atomic file writes and strict JSON."""
 
+import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from data import DatasetError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default shown once: argparse's '(default: X)', unless the help text already
+    says what the default is, or there is none (None, or off for an on/off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or 'default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def setup_distributed():
@@ -108,9 +120,19 @@ def strict(obj):
     return obj
 
 
+def atomic_write(path, write):
+    """write(tmp) into a hidden temp file beside `path`, then os.replace it onto `path`: a crash
+    never leaves a half-written file under the real name, and a failed write leaves nothing."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(obj, path):
-    """Strict JSON (NaN -> null, never a bare NaN token), written atomically (temp file + os.replace)."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(strict(obj), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    """Strict JSON (NaN -> null, never a bare NaN token), written atomically."""
+    text = json.dumps(strict(obj), indent=2, allow_nan=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

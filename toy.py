@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DATASETS, TOY_COLOURS, TOY_PATTERNS
+from runtime import atomic_write
 
 CLIP_NAME = 'toy_clip'
 CLIP_CONFIG = Path(__file__).with_name('toy_clip.json')
@@ -144,15 +145,8 @@ def generate_world(root, n_train=5000, n_val=500, size=64, seed=0, chunk=250):
         shutil.rmtree(root / sub, ignore_errors=True)
         os.replace(tmp / sub, root / sub)
     tmp.rmdir()
-    _atomic_write(meta, lambda f: f.write_text(json.dumps(params, indent=2)))
+    atomic_write(meta, lambda f: f.write_text(json.dumps(params, indent=2)))
     return root
-
-
-def _atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path onto path."""
-    tmp = path.with_name(path.name + '.tmp')
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _normalize(images, model):
@@ -221,7 +215,7 @@ def pretrain_clip(out_path, steps=CLIP_STEPS, batch=128, seed=0, lr=1e-3, warmup
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f'{loss.item():.3f}')
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_path, lambda f: torch.save(model.state_dict(), f))
+    atomic_write(out_path, lambda f: torch.save(model.state_dict(), f))
     return out_path
 
 

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
 from evaluate import amp_dtype, eval_loader, evaluate, format_table
 from losses import SetCriterion
-from model import TagCLIP, TagCLIPConfig, read_checkpoint
+from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from model import TagCLIPConfig
 from runtime import agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed, strict, write_json
 
 # the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
@@ -220,19 +221,6 @@ def lr_lambda(args):
     return f
 
 
-def save_checkpoint(path, **state):
-    """Rank 0 only; temp file + os.replace so a crash never leaves a half-written checkpoint."""
-    if not is_main():
-        return
-    tmp = f'{path}.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-# config fields a --resume must match (and an --init-from, but for the trusty token: ZegCLIP -> TagCLIP)
-QUIRKS = ('double_cls_embedding', 'imagenet_mean_std', 'pos_table_grid', 'fp32_inference')
-
-
 def load_checkpoint(path, cfg, resume: bool):
     """Loads `path` (one-line error if it is not a checkpoint) and checks it was made for the same model
     config; the authors' quirk fields and a stored CLIP come from the checkpoint. Returns (ckpt, cfg)."""
@@ -315,7 +303,7 @@ def train(args):
         raise DatasetError(error)
 
     clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
-    model = TagCLIP(cfg, clip_state).to(device)
+    model = build_model(cfg, clip_state).to(device)
     criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
                              args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
@@ -370,11 +358,11 @@ def train(args):
         else:
             rngs = [rng_state()]
         # the frozen CLIP goes in too where `pretrained` cannot rebuild it (random weights, or stored ones)
-        clip = {'clip': model.clip.state_dict()} if cfg.pretrained is None or clip_state is not None else {}
-        return dict(config=asdict(cfg), model=model.trainable_state_dict(), **clip, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step, best=best, rng=rngs,
-                    classes={'dataset': args.dataset, 'names': classes, 'seen': seen, 'unseen': unseen},
-                    setting=args.setting, polarity=criterion.polarity, args=vars(args), metrics=metrics)
+        return make_checkpoint(model, {'dataset': args.dataset, 'names': classes, 'seen': seen, 'unseen': unseen},
+                               args.setting, criterion.polarity, vars(args),
+                               store_clip=cfg.pretrained is None or clip_state is not None,
+                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               scaler=scaler.state_dict(), step=step, best=best, rng=rngs, metrics=metrics)
 
     model.train()
     log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
@@ -419,8 +407,12 @@ def train(args):
                     log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
                 if not score < best:  # NaN (no unseen class in the set) never blocks the first save
                     best = score
-                    save_checkpoint(out_dir / 'best.pt', **state(metrics))
-            save_checkpoint(out_dir / 'last.pt', **state(metrics))
+                    ckpt = state(metrics)
+                    if is_main():
+                        save_checkpoint(out_dir / 'best.pt', ckpt)
+            ckpt = state(metrics)
+            if is_main():
+                save_checkpoint(out_dir / 'last.pt', ckpt)
             t0 = time.time()
     bar.close()
     if is_main() and metrics is not None:

@@ -11,7 +11,7 @@ import torch
 
 import train
 from evaluate import predict
-from model import TagCLIP
+from checkpoint import load_model
 from tests.test_train import argv as train_argv, world  # noqa: F401 (the toy world fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_random_clip_is_stored_and_reproduces(zegclip, world):
     scores = []
     for seed in (1, 2):  # a different global RNG state each time: a rebuilt random CLIP would differ
         torch.manual_seed(seed)
-        model = TagCLIP.from_checkpoint(ckpt).eval()
+        model = load_model(ckpt).eval()
         assert torch.equal(model.clip.visual.conv1.weight, ckpt['clip']['visual.conv1.weight'])
         text = model.encode_text(['red solid', 'blue dotted'])
         scores.append(predict(model, image, text, torch.tensor([True, False]), (64, 80), mode='slide', crop=64, stride=48))

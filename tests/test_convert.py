@@ -17,7 +17,7 @@ import convert
 import infer
 from data import DATASETS
 from evaluate import evaluate_checkpoint
-from model import TagCLIP
+from checkpoint import load_model
 
 KEYS = Path(__file__).with_name('checkpoint_keys')
 # ViT-B/16 shapes -> tiny ones: visual width 768 -> 48 (3 heads of 16), joint/text width 512 -> 32
@@ -131,7 +131,7 @@ def authors_forward(sd, layout, image255, text):
 
 def test_forward_equals_the_authors_by_hand(converted):
     layout, sd, path = converted
-    model = TagCLIP.from_checkpoint(torch.load(path, weights_only=True)).eval()
+    model = load_model(torch.load(path, weights_only=True)).eval()
     image255 = torch.rand(2, 3, 64, 96) * 255
     text = F.normalize(torch.randn(4, 32), dim=-1)
     mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)

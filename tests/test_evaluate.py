@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from evaluate import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
                       slide_inference, window_grid, window_scores)
-from model import TagCLIP, TagCLIPConfig
+from checkpoint import build_model
+from model import TagCLIPConfig
 from runtime import cpu_threads
 from tests.conftest import TINY_CLIP
 
@@ -39,7 +40,7 @@ class RandomSegSet(torch.utils.data.Dataset):
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    return TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=3, heads=4)).eval()
+    return build_model(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=3, heads=4)).eval()
 
 
 def test_metrics_by_hand():

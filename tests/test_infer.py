@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 
 from data import eval_transform
 from evaluate import predict
-from model import TagCLIP
+from checkpoint import load_model
 from tests.conftest import TINY_CLIP
 from toy import generate_world
 
@@ -135,7 +135,7 @@ def test_label_map_is_evaluate_argmax(first, ckpt, photos):
     """The label map equals the argmax of evaluate.predict at the original size (the brief's geometry)."""
     out, _ = first
     c = torch.load(ckpt, weights_only=True)
-    model = TagCLIP.from_checkpoint(c).eval()
+    model = load_model(c).eval()
     names = c['classes']['names']
     seen = torch.tensor([n in c['classes']['seen'] for n in names])
     for rel in ('rotated.jpg', 'sub/deep/gradient16.png'):
@@ -199,7 +199,7 @@ def test_text_and_resize_options(first, ckpt, photos, tmp_path):
     out, _ = first
     c = torch.load(ckpt, weights_only=True)
     names = c['classes']['names']
-    np.save(tmp_path / 'text.npy', TagCLIP.from_checkpoint(c).eval().encode_text(names).numpy())
+    np.save(tmp_path / 'text.npy', load_model(c).eval().encode_text(names).numpy())
     s = run(ckpt, photos / 'rotated.jpg', tmp_path / 'a', '--text-embeddings', str(tmp_path / 'text.npy'))
     assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / 'rotated.jpg.label.png')), np.asarray(Image.open(out / 'rotated.jpg.label.png')))
     assert (s['settings']['text'], s['settings']['resize']) == (str(tmp_path / 'text.npy'), 'mmseg')
@@ -217,7 +217,7 @@ def test_evaluate_checkpoint_text_and_resize(ckpt, tmp_path, monkeypatch):
     default metrics, the resize name goes to eval_transform."""
     import evaluate
     c = torch.load(ckpt, weights_only=True)
-    np.save(tmp_path / 'text.npy', TagCLIP.from_checkpoint(c).eval().encode_text(c['classes']['names']).numpy())
+    np.save(tmp_path / 'text.npy', load_model(c).eval().encode_text(c['classes']['names']).numpy())
     resizes = []
     monkeypatch.setattr(evaluate, 'eval_transform', lambda *a: resizes.append(a[-1]) or eval_transform(*a))
     kw = dict(workers=0, progress=False, device=torch.device('cpu'))
@@ -253,7 +253,7 @@ def test_inference_under_autocast(ckpt, photos, amp, tmp_path):
     """CPU autocast: float32 scores of the right shape, finite, close to full precision; infer.py --amp
     bf16 writes the same kind of label maps."""
     c = torch.load(ckpt, weights_only=True)
-    model = TagCLIP.from_checkpoint(c).eval()
+    model = load_model(c).eval()
     names = c['classes']['names']
     seen = torch.tensor([n in c['classes']['seen'] for n in names])
     text = model.encode_text(names)

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import TEMPLATES, ATMLayer, TagCLIP, TagCLIPConfig, load_clip, trusty_scores
+from checkpoint import build_model, load_clip
+from model import TEMPLATES, ATMLayer, TagCLIPConfig, trusty_scores
 
 
 @pytest.mark.parametrize('trusty', [True, False])
 @pytest.mark.parametrize('size', [(64, 64), (64, 96)])
 def test_shapes(tiny_cfg, trusty, size):
     torch.manual_seed(0)
-    model = TagCLIP(replace(tiny_cfg, trusty=trusty)).eval()
+    model = build_model(replace(tiny_cfg, trusty=trusty)).eval()
     text = model.encode_text(['cat', 'dog', 'red car'])
     assert text.shape == (3, 32) and torch.allclose(text.norm(dim=-1), torch.ones(3))
     out = model(torch.randn(2, 3, *size), text)
@@ -26,12 +27,12 @@ def test_shapes(tiny_cfg, trusty, size):
 
 
 def test_no_trusty_learner_keeps_token(tiny_cfg):
-    model = TagCLIP(replace(tiny_cfg, trusty_learner=False))
+    model = build_model(replace(tiny_cfg, trusty_learner=False))
     assert model.trusty_token is not None and model.trusty_learner is None
 
 
 def test_template_ensemble_is_normalised_mean(tiny_cfg):
-    model = TagCLIP(replace(tiny_cfg, templates='ensemble')).eval()
+    model = build_model(replace(tiny_cfg, templates='ensemble')).eval()
     text = model.encode_text(['tree', 'sky'])
     each = model.clip.encode_text(model.tokenizer([t.format('tree') for t in TEMPLATES['ensemble']]), normalize=True)
     assert len(TEMPLATES['ensemble']) == 15
@@ -39,7 +40,7 @@ def test_template_ensemble_is_normalised_mean(tiny_cfg):
 
 
 def test_truncated_text_tower_equals_open_clip(tiny_cfg):
-    model = TagCLIP(tiny_cfg).eval()
+    model = build_model(tiny_cfg).eval()
     tokens = model.tokenizer(['a photo of a cat', 'This is one wall-concrete in the scene.', 'x'])
     with torch.no_grad():
         assert torch.allclose(model.encode_tokens(tokens), model.clip.encode_text(tokens, normalize=True), atol=1e-5)
@@ -47,7 +48,7 @@ def test_truncated_text_tower_equals_open_clip(tiny_cfg):
 
 def test_only_trainable_parts_change(tiny_cfg):
     torch.manual_seed(0)
-    model = TagCLIP(tiny_cfg).train()
+    model = build_model(tiny_cfg).train()
     assert not model.clip.training and model.decoder.training  # frozen CLIP stays in eval mode
     clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
     rest_before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
@@ -66,7 +67,7 @@ def test_only_trainable_parts_change(tiny_cfg):
 def test_relationship_descriptor_eq4(tiny_cfg):
     """Eq. 4: the queries are Linear(concat[t' * h, t']) with T' = [text; t_A]."""
     torch.manual_seed(0)
-    model = TagCLIP(tiny_cfg).eval()
+    model = build_model(tiny_cfg).eval()
     seen = {}
     model.descriptor.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
     images, text = torch.randn(2, 3, 64, 64), F.normalize(torch.randn(3, 32), dim=-1)
@@ -113,7 +114,7 @@ def test_eq12_trusty_scores():
 
 
 def test_positional_embedding_interpolation(tiny_cfg):
-    model = TagCLIP(tiny_cfg)
+    model = build_model(tiny_cfg)
     pos = model.clip.visual.positional_embedding                 # (1 + 4*4, D)
     assert torch.equal(model.positional_embedding(4, 4), pos)
     p = model.positional_embedding(8, 12)
@@ -122,7 +123,7 @@ def test_positional_embedding_interpolation(tiny_cfg):
 
 
 def test_param_groups(tiny_cfg):
-    model = TagCLIP(tiny_cfg)
+    model = build_model(tiny_cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     (group,) = model.param_groups(2e-4, 0.01)
     assert len(group['params']) == len(trainable) and group['lr'] == 2e-4 and group['weight_decay'] == 0.01
@@ -134,13 +135,13 @@ def test_param_groups(tiny_cfg):
 
 
 def test_trainable_state_dict_roundtrip(tiny_cfg):
-    a, b = TagCLIP(tiny_cfg), TagCLIP(tiny_cfg)
+    a, b = build_model(tiny_cfg), build_model(tiny_cfg)
     state = a.trainable_state_dict()
     assert not any(k.startswith('clip.') for k in state)
     b.load_trainable_state_dict(state)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in state.items())
     with pytest.raises(ValueError, match='does not match'):
-        TagCLIP(replace(tiny_cfg, trusty=False)).load_trainable_state_dict(state)
+        build_model(replace(tiny_cfg, trusty=False)).load_trainable_state_dict(state)
 
 
 def test_openai_torchscript_file_loads(tiny_clip, tmp_path):
@@ -157,7 +158,7 @@ def test_openai_torchscript_file_loads(tiny_clip, tmp_path):
 
 @pytest.mark.parametrize('name,size', [('ViT-B-16', (224, 160)), ('ViT-L-14', (112, 140))])
 def test_real_backbones_random_init(name, size):
-    model = TagCLIP(TagCLIPConfig(clip_model=name, pretrained=None)).eval()
+    model = build_model(TagCLIPConfig(clip_model=name, pretrained=None)).eval()
     p = model.patch_size
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size), F.normalize(torch.randn(4, model.descriptor.out_features), dim=-1))
@@ -173,7 +174,7 @@ def test_fp16_text_as_openai_clip(tiny_cfg):
     import copy
 
     from open_clip.transformer import LayerNorm, LayerNormFp32
-    model = TagCLIP(tiny_cfg).eval()
+    model = build_model(tiny_cfg).eval()
     ref = copy.deepcopy(model.clip)
     open_clip.convert_weights_to_lp(ref, torch.float16)
     for m in ref.modules():
@@ -218,8 +219,8 @@ def test_authors_quirks_in_the_image_embedding(tiny_cfg):
     """double_cls_embedding adds the class embedding again at [CLS] only; pos_table_grid keeps a resized
     table whose resize to the window grid is bilinear; imagenet_mean_std changes the normalisation."""
     torch.manual_seed(0)
-    plain = TagCLIP(tiny_cfg).eval()
-    quirky = TagCLIP(replace(tiny_cfg, double_cls_embedding=True, imagenet_mean_std=True, pos_table_grid=8),
+    plain = build_model(tiny_cfg).eval()
+    quirky = build_model(replace(tiny_cfg, double_cls_embedding=True, imagenet_mean_std=True, pos_table_grid=8),
                      clip_state=None)
     v = plain.clip.visual
     assert quirky.clip.visual.positional_embedding.shape == (65, 64)

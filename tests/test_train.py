@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 import train
 from losses import SetCriterion
-from model import TagCLIP, TagCLIPConfig
+from checkpoint import build_model
+from model import TagCLIPConfig
 from tests.conftest import TINY_CLIP
 from toy import generate_world
 
@@ -37,7 +38,7 @@ def final_weights(out):
 
 def test_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    model = TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4)).train()
+    model = build_model(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4)).train()
     crit = SetCriterion(trusty=True)
     opt = torch.optim.AdamW(model.param_groups(1e-3, 0.01))
     label = torch.full((2, 64, 64), 255)
@@ -64,9 +65,9 @@ def test_resume_is_exact(world, tmp_path, monkeypatch):
     train.main(argv(world, tmp_path / 'unbroken', '--iters', '6', '--eval-every', '3'))
     save = train.save_checkpoint
 
-    def save_then_die(path, **state):  # the run is killed right after its step-3 checkpoint
-        save(path, **state)
-        if state['step'] == 3 and Path(path).name == 'last.pt':
+    def save_then_die(path, ckpt):  # the run is killed right after its step-3 checkpoint
+        save(path, ckpt)
+        if ckpt['step'] == 3 and Path(path).name == 'last.pt':
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
@@ -124,7 +125,7 @@ def test_two_ranks_equal_one_with_double_batch(world, tmp_path, monkeypatch):
     # differs between the runs, into steps of up to lr (~4e-4) — hence the tolerance
     a, b = final_weights(tmp_path / 'ddp'), final_weights(tmp_path / 'single')
     assert all(torch.allclose(a[k], b[k], atol=4e-4) for k in a)
-    before = TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4))
+    before = build_model(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4))
     assert not torch.allclose(before.prompts, a['prompts'], atol=1e-3)  # training did move the weights
 
 
@@ -197,7 +198,7 @@ def test_mixed_precision_steps(world, tmp_path, monkeypatch, amp, dtype):
     assert seen == [dtype] * 2
     ckpt = torch.load(tmp_path / amp / 'last.pt', weights_only=True)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt['model'].values())
-    before = TagCLIP(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4))
+    before = build_model(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4))
     assert not torch.allclose(before.prompts, ckpt['model']['prompts'], atol=1e-4)  # the steps were taken
     if amp == 'fp16':  # the scaler ran: its scale is in the checkpoint (65536, halved per overflow)
         assert 0 < ckpt['scaler']['scale'] <= 65536.0
