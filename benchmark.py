@@ -34,9 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from data import COCO_STUFF_CLASSES
-from evaluate import slide_inference
+from inference import default_stride, slide_inference
 from checkpoint import build_model
 from model import TEMPLATES, TagCLIP, TagCLIPConfig
+from runtime import HelpFormatter
 
 # the ratios the implementation should reach (the brief; DESIGN §7: windows batched, text cached)
 TARGETS = {'trusty / bare': 1.05, 'trusty / no_trusty': 1.01, 'slide / batch': 1.05}
@@ -193,7 +194,7 @@ def ratio(a: list, b: list, cpu_a: list, cpu_b: list):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--clip-model', default='ViT-B-16', help='any open_clip ViT config name (random weights)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'],
                    help='cuda: bf16 autocast and synchronised timing')
@@ -239,7 +240,7 @@ def main(argv=None):
     seen = torch.arange(args.classes, device=device) < max(1, args.classes * 3 // 4)  # (C,) last quarter unseen
     image = torch.randn(1, 3, S, S, device=device)                                   # (1, 3, S, S)
     wide = torch.randn(3, S, round(S * 683 / 512), device=device)                     # (3, S, 1.33 S): 2 windows
-    stride = round(S * 426 / 512)
+    stride = default_stride(S)
     windows = torch.stack([wide[:, :, :S], wide[:, :, -S:]])                          # (2, 3, S, S)
 
     # FLOPs of one S x S forward

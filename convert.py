@@ -17,6 +17,7 @@ import torch
 from data import DATASETS
 from checkpoint import build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from model import TagCLIPConfig
+from runtime import HelpFormatter
 
 # their decoder layer -> ours (DESIGN §13: norm2/norm3 follow the cross-attention and the FFN)
 LAYER = {'multihead_attn.q.': 'q_proj.', 'multihead_attn.k.': 'k_proj.', 'multihead_attn.v.': 'v_proj.',
@@ -124,7 +125,7 @@ def convert(sd: dict, dataset: str, setting: str, clip_model: str | None = None,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('--input', required=True, help="the authors' mmcv checkpoint (.pth)")
     p.add_argument('--output', required=True, help='the checkpoint of this project to write')
     p.add_argument('--dataset', default=None, choices=sorted(DATASETS), help="default: from the checkpoint's meta (CLASSES)")

@@ -1,4 +1,4 @@
-"""Segment your own images with any list of class names (DESIGN §7: Eq. 12; evaluate.py's geometry).
+"""Segment your own images with any list of class names (Eq. 12 and the geometry of inference.py).
 
     python infer.py --checkpoint runs/voc-inductive/best.pt --input photos/ --output out/ \
         --classes "cat,sofa,potted plant,window" --save-trusty
@@ -21,48 +21,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from data import DATASETS, RESIZES, eval_transform
 from checkpoint import INFERENCE_KEYS, load_model, read_checkpoint
-from evaluate import class_text, inference_amp, predict
-from model import TEMPLATES
-from runtime import atomic_write
+from data import DATASETS, eval_transform
+from inference import Settings, add_arguments, class_text, inference_amp, predict, upsample_argmax
+from runtime import HelpFormatter, atomic_write
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('--checkpoint', required=True, help='a train.py checkpoint (last.pt / best.pt) or a convert.py one')
     p.add_argument('--input', required=True, help='an image file, or a folder searched recursively')
     p.add_argument('--output', required=True, help="output folder; mirrors the input's sub-folders")
     v = p.add_mutually_exclusive_group()
-    v.add_argument('--classes', default=None, help="comma-separated class names; None: the checkpoint's dataset classes")
+    v.add_argument('--classes', default=None, help="comma-separated class names (default: the checkpoint's dataset classes)")
     v.add_argument('--classes-file', default=None, help='text file with one class name per line')
-    p.add_argument('--templates', default=None, choices=sorted(TEMPLATES), help="prompt templates; None: the dataset's")
-    p.add_argument('--calibration', type=float, default=0.0, help="subtracted from the seen classes' scores (0.1 = inductive benchmark)")
-    p.add_argument('--trusty-weighting', default='on', choices=['on', 'off'], help='Eq. 12: seen scores times A, unseen times 1 - A')
-    p.add_argument('--short', type=int, default=None, help="resize the short side to this; None: the dataset's eval size")
-    p.add_argument('--resize', default='mmseg', choices=RESIZES, help="how (evaluate.py's --resize): mmseg's rounded size, plain bilinear")
-    t = p.add_mutually_exclusive_group()
-    t.add_argument('--text-precision', default='fp32', choices=['fp32', 'fp16'],
-                   help="text tower precision; fp16: as the authors' precomputed embeddings")
-    t.add_argument('--text-embeddings', default=None, metavar='FILE.npy',
-                   help='(C, d) text embeddings, one row per class in the order of the vocabulary')
-    p.add_argument('--crop', type=int, default=None, help="sliding window size; None: the dataset's crop")
-    p.add_argument('--stride', type=int, default=None, help='sliding window stride; None: 426/512 of the crop')
+    add_arguments(p)
     p.add_argument('--save-trusty', action='store_true', help='also write <rel>.trusty.png, a heatmap of A')
     p.add_argument('--overlay-format', default='jpg', choices=['jpg', 'png'], help='file type of the overlays')
     p.add_argument('--alpha', type=float, default=0.5, help='opacity of the class colours in the overlays')
     p.add_argument('--overwrite', action='store_true', help='redo images whose outputs already exist')
-    p.add_argument('--pretrained', default=None, help="open_clip tag or file of the frozen CLIP weights; None: the checkpoint's")
     p.add_argument('--device', default='auto', help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help="autocast (auto: bf16 on CUDA; off for converted checkpoints)")
     return p.parse_args(argv)
 
 
@@ -193,20 +178,6 @@ def record(label, label_path: Path, out: Path, names):
             'fractions': {names[k]: round(float(c) / label.size, 6) for k, c in enumerate(counts) if c}}
 
 
-def upsample_argmax(scores, C: int, size, chunk: int = 32):
-    """evaluate.predict's last step (bilinear resize to the original size), then the argmax over the
-    C classes, a few channels at a time: memory (chunk, H, W), not (C, H, W). scores (C[+1], h, w) ->
-    label (H, W) and the trusty map A (H, W) or None."""
-    up = lambda s: F.interpolate(s[None], size=tuple(size), mode='bilinear', align_corners=False)[0]
-    best = torch.full(tuple(size), -float('inf'), device=scores.device)
-    label = torch.zeros(tuple(size), dtype=torch.long, device=scores.device)
-    for i in range(0, C, chunk):
-        v, j = up(scores[i:min(i + chunk, C)]).max(0)  # (H, W); ties keep the lower index, as argmax does
-        better = v > best
-        best, label = torch.where(better, v, best), torch.where(better, j + i, label)
-    return label, (up(scores[C:])[0] if scores.shape[0] > C else None)
-
-
 # ----------------------------------------------------------------------------- main
 
 def done_before(paths, C: int):
@@ -235,11 +206,11 @@ def main(argv=None):
     if args.save_trusty and not ckpt['config']['trusty']:
         print('note: this checkpoint has no trusty token, so no trusty maps')
         args.save_trusty = False
-    crop = args.crop or info.crop
-    settings = {'checkpoint': os.path.abspath(args.checkpoint), 'templates': args.templates or info.templates,
-                'calibration': args.calibration, 'trusty_weighting': args.trusty_weighting == 'on',
-                'short': args.short or info.eval_short, 'resize': args.resize, 'crop': crop,
-                'stride': args.stride or round(crop * 426 / 512),
+    # a vocabulary of the user's is no benchmark: no calibration by default, trusty weighting on
+    run = Settings.resolve(args, info, ckpt['polarity'], same_dataset=True, inductive=False)
+    settings = {'checkpoint': os.path.abspath(args.checkpoint), 'templates': run.templates,
+                'calibration': run.calibration, 'trusty_weighting': run.trusty_weighting,
+                'short': run.short, 'resize': run.resize, 'crop': run.crop, 'stride': run.stride,
                 'text': os.path.abspath(args.text_embeddings) if args.text_embeddings else args.text_precision}
     try:
         previous = json.loads((out / 'summary.json').read_text())
@@ -278,9 +249,9 @@ def main(argv=None):
         device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
         model = load_model(ckpt, args.pretrained).to(device).eval()
         amp = inference_amp(args.amp, device, model)
-        text = class_text(model, names, settings['templates'], args.text_precision, args.text_embeddings)  # (C, d)
+        text = class_text(model, names, run.templates, args.text_precision, args.text_embeddings)  # (C, d)
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)
-        transform, colours = eval_transform(model.mean, model.std, settings['short'], args.resize), palette(names)
+        transform, colours = eval_transform(model.mean, model.std, run.short, run.resize), palette(names)
     processed = 0
     for f, rel, paths in tqdm(jobs, desc='segment', unit='img', dynamic_ncols=True, disable=not jobs):
         try:  # whatever fails while decoding a user's file (PIL raises many kinds) skips that file
@@ -292,9 +263,8 @@ def main(argv=None):
             skip(rel, f"unreadable image ({' '.join(str(e).split()) or type(e).__name__})")
             continue
         image, _ = transform(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1)), tv_tensors.Mask(torch.zeros(1, 1)))
-        scores = predict(model, image, text, seen, image.shape[-2:], mode='slide', crop=crop, stride=settings['stride'],
-                         calibration=args.calibration, trusty_weighting=settings['trusty_weighting'],
-                         polarity=ckpt['polarity'], amp=amp)              # (C[+1], h', w') at the resized size
+        scores = predict(model, image, text, seen, image.shape[-2:], amp=amp,
+                         **run.predict_kwargs())                          # (C[+1], h', w') at the resized size
         label, A = upsample_argmax(scores, len(names), rgb.shape[:2])     # (H, W), (H, W) or None
         label = label.cpu().numpy()
         if 'trusty' in paths:

@@ -17,10 +17,10 @@ from data import DatasetError
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each default shown once: argparse's '(default: X)', unless the help text already
-    says what the default is, or there is none (None, or off for an on/off switch)."""
+    says what the default is, or there is none (None, [], or off for an on/off switch)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or 'default' in (action.help or ''):
+        if action.default is None or action.default is False or action.default == [] or 'default' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
 
@@ -61,7 +61,7 @@ def first_error(error):
 
 
 def agreed_exit(error):
-    """SystemExit for an error all ranks agree on (first_error, in_step): rank 0 prints the one
+    """SystemExit for an error all ranks agree on (first_error, lockstep): rank 0 prints the one
     line 'error: ...', the other ranks exit with status 1 quietly, after closing the process group."""
     rank = rank_world()[0]
     for bar in list(tqdm._instances):  # an open progress bar would leave the line half-written
@@ -71,7 +71,7 @@ def agreed_exit(error):
     return SystemExit(f'error: {error}' if rank == 0 else 1)
 
 
-def in_step(loader, device):
+def lockstep(loader, device):
     """Iterates a DataLoader on all ranks in step: a DatasetError on any rank (also one raised in a
     worker process) stops every rank with the same DatasetError, instead of leaving the others
     waiting in a collective. One all_reduce of two numbers per item; a rank whose share is shorter

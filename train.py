@@ -25,11 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
-from evaluate import amp_dtype, eval_loader, evaluate, format_table
+from inference import CALIBRATION, amp_dtype, default_stride, eval_loader, evaluate, format_table
 from losses import SetCriterion
 from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from model import TagCLIPConfig
-from runtime import agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed, strict, write_json
+from runtime import agreed_exit, cpu_threads, first_error, is_main, lockstep, setup_distributed, strict, write_json
 
 # the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
 # Its trusty map's focal loss weights the unseen pixels 0.75 (authors: 0.25), a choice the toy world motivated (README).
@@ -345,8 +345,8 @@ def train(args):
 
     def run_eval():
         m = evaluate(model, val_loader, classes, [c in seen for c in classes],
-                     mode='slide', crop=args.crop, stride=round(args.crop * 426 / 512), polarity=criterion.polarity,
-                     calibration=(0.1 if args.setting == 'inductive' else 0.0) if args.calibration is None else args.calibration,
+                     mode='slide', crop=args.crop, stride=default_stride(args.crop), polarity=criterion.polarity,
+                     calibration=(CALIBRATION if args.setting == 'inductive' else 0.0) if args.calibration is None else args.calibration,
                      trusty_weighting=True, amp=amp)
         model.train()
         return m
@@ -368,7 +368,7 @@ def train(args):
     log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
     bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
     metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
-    for images, labels in in_step(loader, device):
+    for images, labels in lockstep(loader, device):
         if step >= args.iters:
             break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import train
-from evaluate import predict
-from checkpoint import load_model
+from checkpoint import build_model, load_model
+from inference import predict
+from model import TagCLIPConfig
 from tests.test_train import argv as train_argv, world  # noqa: F401 (the toy world fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,18 @@ def test_random_clip_is_stored_and_reproduces(zegclip, world):
         text = model.encode_text(['red solid', 'blue dotted'])
         scores.append(predict(model, image, text, torch.tensor([True, False]), (64, 80), mode='slide', crop=64, stride=48))
     assert torch.equal(scores[0], scores[1])
+
+
+def test_stored_clip_loads_without_a_random_init_message(zegclip, caplog):
+    """open_clip's 'initialized randomly' line is true for --pretrained none, not for a model whose
+    CLIP weights come from the checkpoint right after: loading one stays silent about it."""
+    ckpt = torch.load(zegclip, weights_only=True)
+    with caplog.at_level('WARNING'):
+        load_model(ckpt)
+    assert 'initialized randomly' not in caplog.text
+    with caplog.at_level('WARNING'):
+        build_model(TagCLIPConfig(**{**ckpt['config'], 'pretrained': None}))
+    assert 'initialized randomly' in caplog.text
 
 
 def test_init_from_zegclip_starts_tagclip(zegclip, world, tmp_path, capsys):

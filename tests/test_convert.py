@@ -15,9 +15,9 @@ from PIL import Image
 
 import convert
 import infer
+from checkpoint import load_model
 from data import DATASETS
 from evaluate import evaluate_checkpoint
-from checkpoint import load_model
 
 KEYS = Path(__file__).with_name('checkpoint_keys')
 # ViT-B/16 shapes -> tiny ones: visual width 768 -> 48 (3 heads of 16), joint/text width 512 -> 32

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from evaluate import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
-                      slide_inference, window_grid, window_scores)
 from checkpoint import build_model
+from inference import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
+                      slide_inference, window_grid, window_scores)
 from model import TagCLIPConfig
 from runtime import cpu_threads
 from tests.conftest import TINY_CLIP

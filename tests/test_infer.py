@@ -18,9 +18,9 @@ import infer
 import train
 from torchvision import tv_tensors
 
-from data import eval_transform
-from evaluate import predict
 from checkpoint import load_model
+from data import eval_transform
+from inference import predict
 from tests.conftest import TINY_CLIP
 from toy import generate_world
 
