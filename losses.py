@@ -29,7 +29,7 @@ def dice(logits, target, valid):
     return 1 - (2 * (p * target).sum(-1) + 1) / (p.sum(-1) + (target * valid).sum(-1) + 1)
 
 
-class SetCriterion(nn.Module):
+class TagCLIPLoss(nn.Module):
     """Named loss terms for TagCLIP's mask logits.
 
     trusty_loss: 'focal' (authors' code: M_A predicts *unseen*, target 1 on unseen pixels; alpha

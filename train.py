@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
 from evaluate import amp_dtype, eval_loader, evaluate, format_table
-from losses import SetCriterion
+from losses import TagCLIPLoss
 from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from model import TagCLIPConfig
 from runtime import agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed, strict, write_json
@@ -304,8 +304,8 @@ def train(args):
 
     clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
     model = build_model(cfg, clip_state).to(device)
-    criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
-                             args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
+    criterion = TagCLIPLoss(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
+                            args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     amp = amp_dtype(args.amp, device)
