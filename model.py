@@ -93,14 +93,14 @@ class ATMLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
 
     def forward(self, q, E):  # q (B, Q, d) queries, E (B, N, d) patch features
-        B, Q, d = q.shape
-        N, h = E.shape[1], self.heads
-        qh = self.q_proj(q).view(B, Q, h, d // h).transpose(1, 2)  # (B, h, Q, d/h)     Eq. 6
-        kh = self.k_proj(E).view(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
-        vh = self.v_proj(E).view(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
-        logits = qh @ kh.transpose(-2, -1) / math.sqrt(d // h)     # (B, h, Q, N)       Eq. 7
-        x = self.attn_dropout(logits.softmax(-1)) @ vh             # (B, h, Q, d/h)
-        x = self.out_proj(x.transpose(1, 2).reshape(B, Q, d))      # (B, Q, d)
+        B, n_q, d = q.shape
+        N, heads = E.shape[1], self.heads
+        qh = self.q_proj(q).view(B, n_q, heads, d // heads).transpose(1, 2)  # (B, heads, C+1, d/heads)  Eq. 6
+        kh = self.k_proj(E).view(B, N, heads, d // heads).transpose(1, 2)    # (B, heads, N, d/heads)
+        vh = self.v_proj(E).view(B, N, heads, d // heads).transpose(1, 2)    # (B, heads, N, d/heads)
+        logits = qh @ kh.transpose(-2, -1) / math.sqrt(d // heads)           # (B, heads, C+1, N)      Eq. 7
+        x = self.attn_dropout(logits.softmax(-1)) @ vh                       # (B, heads, C+1, d/heads)
+        x = self.out_proj(x.transpose(1, 2).reshape(B, n_q, d))              # (B, C+1, d)
         q = self.norm1(q + self.dropout1(x))
         q = self.norm2(q + self.dropout2(self.ffn(q)))
         return q, logits.mean(1)                                   # (B, Q, d), (B, Q, N) mask logits
@@ -125,8 +125,8 @@ class TagCLIP(nn.Module):
         self.patch_size = visual.conv1.kernel_size[0]
 
         # §2 deep visual prompts: one set per layer, a shared projection, dropout, a final LayerNorm
-        v = math.sqrt(6.0 / (3 * self.patch_size ** 2 + D))  # §11: uniform(-v, v)
-        self.prompts = nn.Parameter(torch.empty(L, cfg.n_prompts, D).uniform_(-v, v))  # (L, P, D)
+        bound = math.sqrt(6.0 / (3 * self.patch_size ** 2 + D))  # DESIGN §11: uniform(-bound, bound)
+        self.prompts = nn.Parameter(torch.empty(L, cfg.n_prompts, D).uniform_(-bound, bound))  # (L, Np, D)
         self.prompt_proj = nn.Linear(D, D)
         nn.init.kaiming_normal_(self.prompt_proj.weight, mode='fan_out')
         nn.init.zeros_(self.prompt_proj.bias)
@@ -229,15 +229,15 @@ class TagCLIP(nn.Module):
         v = self.clip.visual
         x, (gh, gw) = self.embed_patches(images)  # (B, 1+N, D)
         B, _, D = x.shape
-        P = self.prompts.shape[1]
-        prompts = self.prompt_proj(self.prompts).to(x.dtype)  # (L, P, D)
+        Np = self.prompts.shape[1]
+        prompts = self.prompt_proj(self.prompts).to(x.dtype)  # (L, Np, D)
         batch_first = getattr(v.transformer, 'batch_first', True)
         for i, block in enumerate(v.transformer.resblocks):
             # before every layer: drop the previous layer's prompt outputs, insert fresh prompts
-            rest = x[:, 1:] if i == 0 else x[:, 1 + P:]
-            x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, P, D)), rest], 1)  # (B, 1+P+N, D)
+            rest = x[:, 1:] if i == 0 else x[:, 1 + Np:]
+            x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, Np, D)), rest], 1)  # (B, 1+Np+N, D)
             x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-        x = torch.cat([x[:, :1], x[:, 1 + P:]], 1)  # (B, 1+N, D)
+        x = torch.cat([x[:, :1], x[:, 1 + Np:]], 1)  # (B, 1+N, D)
         x = v.ln_post(self.prompt_norm(x))
         if v.proj is not None:
             x = x @ v.proj                           # (B, 1+N, d)
@@ -267,12 +267,12 @@ class TagCLIP(nn.Module):
         """Only what training changes: prompts, prompt projection/norm and the decoder."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith('clip.')}
 
-    def load_trainable_state_dict(self, state, partial: bool = False):
-        """partial: tensors the model has and `state` lacks keep their initialisation, tensors it has
-        and the model lacks are ignored (e.g. starting TagCLIP from ZegCLIP); returns both lists."""
+    def load_trainable_state_dict(self, state, strict: bool = True):
+        """strict=False: tensors the model has and `state` lacks keep their initialisation, tensors it
+        has and the model lacks are ignored (e.g. starting TagCLIP from ZegCLIP); returns both lists."""
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith('clip.')]
-        if (missing or unexpected) and not partial:
+        if (missing or unexpected) and strict:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return missing, unexpected
 

@@ -312,7 +312,7 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, best = 0, -math.inf
     if ckpt is not None:
-        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], partial=not resume)
+        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], strict=resume)
         if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
             print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
         if resume:
