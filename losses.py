@@ -2,6 +2,7 @@
 
 L = alpha * focal(M_R, G_R) + beta * dice(M_R, G_R) + gamma * L_A, {alpha, beta, gamma} = {20, 1, 10},
 optionally repeated for every earlier decoder layer (deep supervision, off by default).
+Departure: no BCE L_cls of paper Eq. 11: the authors' code, which gave the paper's numbers, has none (DESIGN §6).
 Label-255 pixels (VOC background, masked unseen pixels, crop padding) are negatives for every class
 map by default (the authors' code); `ignore_mode='exclude'` drops them from every term instead.
 """
@@ -16,7 +17,7 @@ from data import IGNORE_INDEX
 
 def sigmoid_focal(logits, target, valid, alpha: float = 0.25, gamma: float = 2.0):
     """Sigmoid focal loss -alpha_t (1 - p_t)^gamma log p_t, mean over the valid pixels of each map.
-    logits/target/valid (M, P), target in {0, 1} -> (M,)."""
+    logits/target/valid (M, HW), target in {0, 1} -> (M,)."""
     z = logits * (2 * target - 1)                            # logit of p_t
     loss = F.softplus(-z) * torch.sigmoid(-z) ** gamma       # -log p_t * (1 - p_t)^gamma, fewer passes
     alpha_t = (1 - alpha) + (2 * alpha - 1) * target         # alpha on positives, 1 - alpha on negatives
@@ -24,16 +25,16 @@ def sigmoid_focal(logits, target, valid, alpha: float = 0.25, gamma: float = 2.0
 
 
 def dice(logits, target, valid):
-    """1 - (2 sum(p g) + 1) / (sum p + sum g + 1) on sigmoid maps over valid pixels. (M, P) -> (M,)."""
+    """1 - (2 sum(p g) + 1) / (sum p + sum g + 1) on sigmoid maps over valid pixels. (M, HW) -> (M,)."""
     p = logits.sigmoid() * valid
     return 1 - (2 * (p * target).sum(-1) + 1) / (p.sum(-1) + (target * valid).sum(-1) + 1)
 
 
-class SetCriterion(nn.Module):
+class TagCLIPLoss(nn.Module):
     """Named loss terms for TagCLIP's mask logits.
 
     trusty_loss: 'focal' (authors' code: M_A predicts *unseen*, target 1 on unseen pixels; alpha
-                 `trusty_alpha`, theirs 0.25), 'dice' (paper Eq. 10: M_A predicts *seen*, G_A of Eq. 9) or
+                 `trusty_alpha`, theirs 0.25), 'dice' (paper Eq. 10: M_A predicts *seen*, G_A of paper Eq. 9) or
                  'balanced' (M_A predicts seen: dice on A vs G_A, dice on 1 - A vs 1 - G_A so the unseen
                  minority counts as much as the seen majority, plus per-pixel BCE; motivated by the toy world).
     ignore_mode: 'negative' (default) or 'exclude' for label-255 pixels.
@@ -59,7 +60,7 @@ class SetCriterion(nn.Module):
         B, H, W = label.shape
         C = outputs['pred_masks'].shape[1] - int(self.trusty)
         valid = label != IGNORE_INDEX                                              # (B, H, W)
-        classes = torch.arange(C, device=label.device).view(1, C, 1, 1)
+        classes = torch.arange(C, device=label.device).view(1, C, 1, 1)      # (1, C, 1, 1)
         target = (label.unsqueeze(1) == classes).flatten(2).float()          # (B, C, HW) one-hot G_R
         present = target.sum(-1) > 0                                         # (B, C)
         num_masks = self.num_masks(present)
@@ -72,16 +73,18 @@ class SetCriterion(nn.Module):
             valid_px = trusty_valid = torch.ones(B, H * W, device=label.device)
         if self.trusty:
             is_unseen = unseen.flatten(1).float()                            # (B, HW)
-            trusty_target = is_unseen if self.trusty_loss == 'focal' else 1 - is_unseen  # Eq. 9
+            # paper Eq. 9 prints G_A = 1 on seen pixels: 'dice' and 'balanced' use it; the authors' focal
+            # variant trains the complement 1 - G_A (M_A predicts unseen, DESIGN §6)
+            trusty_target = is_unseen if self.trusty_loss == 'focal' else 1 - is_unseen
 
         layers = [('', outputs['pred_masks'])]
         if self.aux_loss:  # deep supervision: the same terms for decoder layers 1..L-1
             layers += [(f'_{i}', m) for i, m in enumerate(outputs['aux_masks'])]
         losses, total = {}, 0.0
         for suffix, logits in layers:
-            logits = F.interpolate(logits.float(), size=(H, W), mode='bilinear', align_corners=False)
+            logits = F.interpolate(logits.float(), size=(H, W), mode='bilinear', align_corners=False)  # (B, C[+1], H, W)
             M_R = logits[:, :C].flatten(2)                                   # (B, C, HW)
-            v = valid_px.unsqueeze(1).expand_as(M_R)
+            v = valid_px.unsqueeze(1).expand_as(M_R)                         # (B, C, HW)
             terms = {'loss_focal': sigmoid_focal(M_R, target, v).sum() / num_masks,
                      'loss_dice': (dice(M_R, target, v) * present).sum() / num_masks}
             if self.trusty:
@@ -89,13 +92,13 @@ class SetCriterion(nn.Module):
                 if self.trusty_loss == 'focal':
                     term = sigmoid_focal(M_A, trusty_target, trusty_valid, alpha=self.trusty_alpha)
                 elif self.trusty_loss == 'dice':
-                    term = dice(M_A, trusty_target, trusty_valid)                # Eq. 10
+                    term = dice(M_A, trusty_target, trusty_valid)                # paper Eq. 10
                 else:  # 'balanced': the unseen minority is a dice target of its own, plus per-pixel BCE
                     bce = F.binary_cross_entropy_with_logits(M_A, trusty_target, reduction='none')
                     term = (dice(M_A, trusty_target, trusty_valid) + dice(-M_A, 1 - trusty_target, trusty_valid)
                             + (bce * trusty_valid).sum(-1) / trusty_valid.sum(-1).clamp(min=1))
                 terms['loss_trusty'] = term.sum() / num_masks
-            total = total + sum(self.weight_dict[k] * v for k, v in terms.items())  # Eq. 11
+            total = total + sum(self.weight_dict[k] * v for k, v in terms.items())  # paper Eq. 11, no L_cls
             losses.update({k + suffix: v for k, v in terms.items()})
         losses['loss'] = total
         return losses

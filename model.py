@@ -1,14 +1,16 @@
 """TagCLIP: a frozen CLIP with deep visual prompts, a trusty token and an ATM segmentor.
 
 Paper: "TagCLIP: Improving Discrimination Ability of Open-Vocabulary Semantic Segmentation"
-(arXiv 2304.07547). The contract we follow is DESIGN.md; this file implements
+(arXiv 2304.07547). The contract we follow is docs/DESIGN.md (DESIGN §n); this file implements
   - the frozen CLIP text encoder with prompt templates (DESIGN §1),
-  - the frozen CLIP ViT with deep visual prompt tuning (§2),
-  - the trusty token t_A and the relationship descriptor, Eq. 4 (§3),
-  - the Trusty Learner, Eq. 5 (§4),
-  - the Attention-to-Mask (ATM) segmentor, Eq. 6-8 (§5),
-  - the inference scores of Eq. 12 (§7): `trusty_scores`.
-Shapes: B images, C classes, N = (H/p)(W/p) patches, D visual width, d joint (text/image) width.
+  - the frozen CLIP ViT with deep visual prompt tuning (DESIGN §2),
+  - the trusty token t_A and the relationship descriptor, paper Eq. 4 (DESIGN §3),
+  - the Trusty Learner, Eq. 5 (DESIGN §4),
+  - the Attention-to-Mask (ATM) segmentor, Eq. 6-8 (DESIGN §5),
+  - the inference scores of Eq. 12 (DESIGN §7): `trusty_scores`.
+Where the code departs from a printed equation, that equation's docstring says so in a "Departure:" line.
+Shapes: B images, C classes, N = (H/p)(W/p) patches, D visual width, d joint (text/image) width,
+L ViT layers, Np prompts per layer.
 """
 
 import copy
@@ -65,8 +67,9 @@ class TagCLIPConfig:
 
 
 class TrustyLearner(nn.Module):
-    """Eq. 5: T~ = Norm(MHSA(T^) + T^). Self-attention across the C class queries and the trusty
-    token, so t_A sees every class and its relation to the image (DESIGN §4)."""
+    """Paper Eq. 5: T~ = Norm(MHSA(T^) + T^). Self-attention across the C class queries and the trusty
+    token, so t_A sees every class and its relation to the image (DESIGN §4).
+    Departure: Eq. 5 prints one head, no projections; here heads, q/k/v/out projections, dropout (authors' code)."""
 
     def __init__(self, d: int, heads: int, dropout: float = 0.1):
         super().__init__()
@@ -79,8 +82,12 @@ class TrustyLearner(nn.Module):
 
 
 class ATMLayer(nn.Module):
-    """Attention-to-Mask layer (SegViT; Eq. 6-8): cross-attention from the queries to the patch
-    features E. Its head-averaged pre-softmax logits Q K^T / sqrt(d/heads) are the mask logits."""
+    """Attention-to-Mask layer (SegViT; paper Eq. 6-8): cross-attention from the queries to the patch
+    features E, out_proj, residual + LayerNorm, FFN, residual + LayerNorm (DESIGN §5).
+    Departure, Eq. 6: Q = q_proj(T~), not T~ (K, V as printed): as paper Eq. 2, SegViT's ATM, the authors' code.
+    Departure, Eq. 7: Mask stays logits, the head mean of Q K^T / sqrt(d/heads); the loss and Eq. 12 apply sigmoid.
+    Departure, Eq. 8: M_C = M_S x P is never formed; the mask logits are the prediction, as in the authors' code.
+    P (out_proj, FFN, norms) only becomes the next layer's queries: the last layer's never reaches the loss."""
 
     def __init__(self, d: int, heads: int, dropout: float = 0.1):
         super().__init__()
@@ -92,21 +99,27 @@ class ATMLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
 
-    def forward(self, q, E):  # q (B, Q, d) queries, E (B, N, d) patch features
-        B, Q, d = q.shape
-        N, h = E.shape[1], self.heads
-        qh = self.q_proj(q).view(B, Q, h, d // h).transpose(1, 2)  # (B, h, Q, d/h)     Eq. 6
-        kh = self.k_proj(E).view(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
-        vh = self.v_proj(E).view(B, N, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
-        logits = qh @ kh.transpose(-2, -1) / math.sqrt(d // h)     # (B, h, Q, N)       Eq. 7
-        x = self.attn_dropout(logits.softmax(-1)) @ vh             # (B, h, Q, d/h)
-        x = self.out_proj(x.transpose(1, 2).reshape(B, Q, d))      # (B, Q, d)
+    def forward(self, q, E):  # q (B, C+1, d) queries, E (B, N, d) patch features
+        B, n_q, d = q.shape
+        N, heads = E.shape[1], self.heads
+        qh = self.q_proj(q).view(B, n_q, heads, d // heads).transpose(1, 2)  # (B, heads, C+1, d/heads)  Eq. 6
+        kh = self.k_proj(E).view(B, N, heads, d // heads).transpose(1, 2)    # (B, heads, N, d/heads)
+        vh = self.v_proj(E).view(B, N, heads, d // heads).transpose(1, 2)    # (B, heads, N, d/heads)
+        logits = qh @ kh.transpose(-2, -1) / math.sqrt(d // heads)           # (B, heads, C+1, N)      Eq. 7
+        x = self.attn_dropout(logits.softmax(-1)) @ vh                       # (B, heads, C+1, d/heads)
+        x = self.out_proj(x.transpose(1, 2).reshape(B, n_q, d))              # (B, C+1, d)
         q = self.norm1(q + self.dropout1(x))
-        q = self.norm2(q + self.dropout2(self.ffn(q)))
-        return q, logits.mean(1)                                   # (B, Q, d), (B, Q, N) mask logits
+        q = self.norm2(q + self.dropout2(self.ffn(q)))  # P; unused after the last layer (train.py: static_graph)
+        return q, logits.mean(1)                        # (B, C+1, d), (B, C+1, N) mask logits
 
 
 class TagCLIP(nn.Module):
+    """TagCLIP (paper §3.2-3.4): a frozen CLIP whose ViT carries deep visual prompts, text embeddings T
+    extended by the trusty token t_A, the relationship descriptor (Eq. 4), the Trusty Learner (Eq. 5)
+    and the ATM segmentor (Eq. 6-8). forward: images (B, 3, H, W) and T (C, d) from `encode_text` ->
+    mask logits at the patch grid, C raw class maps M_R then the trusty map M_A; sigmoid is applied by
+    the loss (losses.py, Eq. 9-11) and by `trusty_scores` (Eq. 12). Only prompts and decoder train."""
+
     def __init__(self, cfg: TagCLIPConfig, clip: nn.Module):
         """clip: the open_clip model to freeze (checkpoint.build_model makes it from cfg.pretrained)."""
         super().__init__()
@@ -124,21 +137,21 @@ class TagCLIP(nn.Module):
         d = visual.proj.shape[1] if visual.proj is not None else D
         self.patch_size = visual.conv1.kernel_size[0]
 
-        # §2 deep visual prompts: one set per layer, a shared projection, dropout, a final LayerNorm
-        v = math.sqrt(6.0 / (3 * self.patch_size ** 2 + D))  # §11: uniform(-v, v)
-        self.prompts = nn.Parameter(torch.empty(L, cfg.n_prompts, D).uniform_(-v, v))  # (L, P, D)
+        # DESIGN §2 deep visual prompts: one set per layer, a shared projection, dropout, a final LayerNorm
+        bound = math.sqrt(6.0 / (3 * self.patch_size ** 2 + D))  # DESIGN §11: uniform(-bound, bound)
+        self.prompts = nn.Parameter(torch.empty(L, cfg.n_prompts, D).uniform_(-bound, bound))  # (L, Np, D)
         self.prompt_proj = nn.Linear(D, D)
         nn.init.kaiming_normal_(self.prompt_proj.weight, mode='fan_out')
         nn.init.zeros_(self.prompt_proj.bias)
         self.prompt_dropout = nn.Dropout(cfg.prompt_dropout)
         self.prompt_norm = nn.LayerNorm(D, eps=1e-6)
 
-        # §3-5 decoder: trusty token, relationship descriptor, Trusty Learner, ATM layers
+        # DESIGN §3-5 decoder: trusty token, relationship descriptor, Trusty Learner, ATM layers
         self.trusty_token = nn.Parameter(torch.empty(1, d)) if cfg.trusty else None  # t_A, (1, d)
         self.descriptor = nn.Linear(2 * d, d)  # Eq. 4
         self.trusty_learner = TrustyLearner(d, cfg.heads, cfg.dropout) if cfg.trusty and cfg.trusty_learner else None
         self.decoder = nn.ModuleList(ATMLayer(d, cfg.heads, cfg.dropout) for _ in range(cfg.decoder_layers))
-        for p in self.decoder_parameters():  # §11: Xavier-uniform on every >1-dim decoder parameter
+        for p in self.decoder_parameters():  # DESIGN §11: Xavier-uniform on every >1-dim decoder parameter
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         nn.init.zeros_(self.descriptor.bias)
@@ -167,9 +180,9 @@ class TagCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, class_names, templates: str | None = None, chunk: int = 1024, precision: str = 'fp32'):
-        """§1: frozen CLIP text embeddings T, (C, d), L2-normalised, template ensemble averaged (each
+        """DESIGN §1: frozen CLIP text embeddings T, (C, d), L2-normalised, template ensemble averaged (each
         prompt L2-normalised, mean, L2 again). precision 'fp16': as the authors' precomputed .npy
-        files (OpenAI's clip package in fp16 on CUDA, §15): `fp16_text_tower` on the full context,
+        files (OpenAI's clip package in fp16 on CUDA, DESIGN §15): `fp16_text_tower` on the full context,
         the norms and the mean in fp16 too; returned as float32 holding fp16 values. Runs on CPU too."""
         templates = TEMPLATES[templates or self.cfg.templates]
         if precision == 'fp16':
@@ -181,7 +194,7 @@ class TagCLIP(nn.Module):
         device = self.prompts.device
         prompts = [t.format(c) for c in class_names for t in templates]
         emb = torch.cat([encode(self.tokenizer(prompts[i:i + chunk]).to(device))
-                         for i in range(0, len(prompts), chunk)])  # (C*T, d)
+                         for i in range(0, len(prompts), chunk)])  # (C * templates, d)
         if len(templates) > 1:
             emb = F.normalize(emb.view(len(class_names), len(templates), -1).mean(1), dim=-1)  # (C, d)
         return emb.float()
@@ -202,7 +215,7 @@ class TagCLIP(nn.Module):
         return F.normalize(x, dim=-1)
 
     def positional_embedding(self, gh: int, gw: int):
-        """§11: the pretrained [CLS] + grid positions, the grid interpolated bilinearly to gh x gw."""
+        """DESIGN §11: the pretrained [CLS] + grid positions, the grid interpolated bilinearly to gh x gw."""
         pos = self.clip.visual.positional_embedding  # (1 + g*g, D)
         g = int(math.sqrt(pos.shape[0] - 1))
         if (gh, gw) == (g, g):
@@ -225,54 +238,59 @@ class TagCLIP(nn.Module):
         return v.ln_pre(x + pos), (gh, gw)
 
     def encode_image(self, images):
-        """§2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised."""
+        """DESIGN §2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised,
+        and the patch grid (H/p, W/p).
+        Departure: paper §3.1 only names deep prompt tuning; the rest is the authors' code (DESIGN §2, §11)."""
         v = self.clip.visual
         x, (gh, gw) = self.embed_patches(images)  # (B, 1+N, D)
         B, _, D = x.shape
-        P = self.prompts.shape[1]
-        prompts = self.prompt_proj(self.prompts).to(x.dtype)  # (L, P, D)
+        Np = self.prompts.shape[1]
+        prompts = self.prompt_proj(self.prompts).to(x.dtype)  # (L, Np, D)
         batch_first = getattr(v.transformer, 'batch_first', True)
         for i, block in enumerate(v.transformer.resblocks):
             # before every layer: drop the previous layer's prompt outputs, insert fresh prompts
-            rest = x[:, 1:] if i == 0 else x[:, 1 + P:]
-            x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, P, D)), rest], 1)  # (B, 1+P+N, D)
+            rest = x[:, 1:] if i == 0 else x[:, 1 + Np:]
+            x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, Np, D)), rest], 1)  # (B, 1+Np+N, D)
             x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-        x = torch.cat([x[:, :1], x[:, 1 + P:]], 1)  # (B, 1+N, D)
+        x = torch.cat([x[:, :1], x[:, 1 + Np:]], 1)  # (B, 1+N, D)
         x = v.ln_post(self.prompt_norm(x))
         if v.proj is not None:
             x = x @ v.proj                           # (B, 1+N, d)
         x = F.normalize(x, dim=-1)
-        return x[:, 0], x[:, 1:], (gh, gw)
+        return x[:, 0], x[:, 1:], (gh, gw)           # (B, d), (B, N, d)
 
     def forward(self, images, text):
         """images (B, 3, H, W), H and W divisible by p; text (C, d) from `encode_text`.
         Returns {'pred_masks': (B, C[+1], H/p, W/p) logits, 'aux_masks': [earlier layers' logits]};
-        channel C (last) is the trusty map logit M_A when the trusty token is on."""
+        channel C (last) is the trusty map logit M_A when the trusty token is on.
+        Paper Eq. 4: t^ = concat[t' ⊙ h, t'] for every token of T' (⊙ elementwise, h the image's embedding),
+        then the Linear(2d, d) `descriptor` (paper §3.2: the Trusty Learner's first step) gives the queries T^.
+        Departure: Eq. 4 prints concat[t' ⊙ h, t] but shape (C+1) x 2d, so the second half is t' (DESIGN §3)."""
         h, E, (gh, gw) = self.encode_image(images)     # (B, d), (B, N, d)
         B = h.shape[0]
-        t = text.to(h.dtype)
+        t = text.to(h.dtype)                           # (C, d)
         if self.trusty_token is not None:
             t = torch.cat([t, self.trusty_token.to(h.dtype)])  # T' = [t_1..t_C, t_A], (C+1, d)
         t = t.unsqueeze(0).expand(B, -1, -1)                   # (B, C+1, d)
-        q = self.descriptor(torch.cat([t * h.unsqueeze(1), t], -1))  # Eq. 4: relationship descriptor
+        q = self.descriptor(torch.cat([t * h.unsqueeze(1), t], -1))  # (B, C+1, 2d) -> (B, C+1, d), Eq. 4
         if self.trusty_learner is not None:
             q = self.trusty_learner(q)                          # Eq. 5
         masks = []
         for layer in self.decoder:                              # Eq. 6-8
             q, m = layer(q, E)                                  # m: (B, C+1, N)
-            masks.append(m.view(B, -1, gh, gw))
+            masks.append(m.view(B, -1, gh, gw))                # (B, C+1, H/p, W/p)
         return {'pred_masks': masks[-1], 'aux_masks': masks[:-1]}
 
     def trainable_state_dict(self):
         """Only what training changes: prompts, prompt projection/norm and the decoder."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith('clip.')}
 
-    def load_trainable_state_dict(self, state, partial: bool = False):
-        """partial: tensors the model has and `state` lacks keep their initialisation, tensors it has
-        and the model lacks are ignored (e.g. starting TagCLIP from ZegCLIP); returns both lists."""
+    def load_trainable_state_dict(self, state, strict: bool = True):
+        """strict=False: tensors the model has and `state` lacks keep their initialisation, tensors it
+        has and the model lacks are ignored (e.g. starting TagCLIP from ZegCLIP); returns both lists."""
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith('clip.')]
-        if (missing or unexpected) and not partial:
+        if (missing or unexpected) and strict:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return missing, unexpected
 
@@ -309,13 +327,14 @@ def seen_probability(trusty_logits, polarity: str = 'unseen'):
 
 def trusty_scores(mask_logits, seen, calibration: float = 0.1, trusty_weighting: bool = True,
                   polarity: str = 'unseen'):
-    """Eq. 12 (as DESIGN §7 reads it) on upsampled logits. mask_logits (B, C[+1], H, W), seen (C,) bool.
+    """Paper Eq. 12 (as DESIGN §7 reads it) on upsampled logits. mask_logits (B, C[+1], H, W), seen (C,) bool.
     S = sigmoid(M_R); S[seen] -= calibration; with a trusty channel and weighting on, A = P(seen) and
     S[seen] *= A, S[unseen] *= 1 - A. polarity: what sigmoid(M_A) predicts ('unseen': authors' focal
-    variant, A = 1 - sigmoid(M_A); 'seen': the paper's dice variant). Returns (B, C, H, W) scores."""
+    variant, A = 1 - sigmoid(M_A); 'seen': the paper's dice variant). Returns (B, C, H, W) scores.
+    Departure: printed M_A(1 - M_R) / M_A M_R, no calibration: garbled; read as above (paper §3.4, authors' code)."""
     C = seen.numel()
-    seen = seen.to(mask_logits.device).view(1, C, 1, 1)
-    S = mask_logits[:, :C].float().sigmoid() - calibration * seen
+    seen = seen.to(mask_logits.device).view(1, C, 1, 1)  # (1, C, 1, 1)
+    S = mask_logits[:, :C].float().sigmoid() - calibration * seen  # (B, C, H, W)
     if trusty_weighting and mask_logits.shape[1] == C + 1:
         A = seen_probability(mask_logits[:, C:], polarity)  # (B, 1, H, W)
         S = torch.where(seen, S * A, S * (1 - A))

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
 from inference import CALIBRATION, amp_dtype, default_stride, eval_loader, evaluate, format_table
-from losses import SetCriterion
-from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from losses import TagCLIPLoss
 from model import TagCLIPConfig
 from runtime import agreed_exit, cpu_threads, first_error, is_main, lockstep, setup_distributed, strict, write_json
 
@@ -304,15 +304,15 @@ def train(args):
 
     clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
     model = build_model(cfg, clip_state).to(device)
-    criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
-                             args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
+    criterion = TagCLIPLoss(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
+                            args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     amp = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, best = 0, -math.inf
     if ckpt is not None:
-        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], partial=not resume)
+        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], strict=bool(resume))
         if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
             print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
         if resume:

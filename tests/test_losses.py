@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from losses import SetCriterion
+from losses import TagCLIPLoss
 
 sig = lambda x: 1 / (1 + math.exp(-x))
 
@@ -26,7 +26,7 @@ LOGITS = torch.tensor([[[[1.0, -2.0, 0.5, 3.0]], [[-1.0, 2.0, 1.5, -0.5]]]])  # 
 
 
 def test_focal_and_dice_by_hand():
-    crit = SetCriterion(trusty=False)
+    crit = TagCLIPLoss(trusty=False)
     out = crit({'pred_masks': LOGITS, 'aux_masks': []}, LABEL)
     G = [[1, 0, 0, 1], [0, 1, 0, 0]]  # 255 is a negative for every class map (authors' default)
     X = LOGITS[0, :, 0].tolist()
@@ -39,7 +39,7 @@ def test_focal_and_dice_by_hand():
 
 
 def test_exclude_mode_by_hand_and_255_pixels_change_nothing():
-    crit = SetCriterion(trusty=False, ignore_mode='exclude')
+    crit = TagCLIPLoss(trusty=False, ignore_mode='exclude')
     out = crit({'pred_masks': LOGITS, 'aux_masks': []}, LABEL)
     keep = [0, 1, 3]
     X = [[LOGITS[0, c, 0, i].item() for i in keep] for c in range(2)]
@@ -54,7 +54,7 @@ def test_exclude_mode_by_hand_and_255_pixels_change_nothing():
 
 
 def test_255_pixels_are_negatives_by_default():
-    crit = SetCriterion(trusty=False)
+    crit = TagCLIPLoss(trusty=False)
     base = crit({'pred_masks': LOGITS, 'aux_masks': []}, LABEL)
     up = LOGITS.clone()
     up[0, 0, 0, 2] = 6.0  # a confident "class 0" on an ignore pixel is penalised
@@ -68,7 +68,7 @@ def _trusty_case(trusty_loss, ignore_mode='negative', **kw):
     unseen = torch.tensor([[[False, True, False, False]]])
     M_A = torch.tensor([0.3, -1.2, 0.7, 2.0])
     logits = torch.cat([LOGITS[:, :1], M_A.view(1, 1, 1, 4)], 1)  # 1 class + trusty channel
-    crit = SetCriterion(trusty=True, trusty_loss=trusty_loss, ignore_mode=ignore_mode, **kw)
+    crit = TagCLIPLoss(trusty=True, trusty_loss=trusty_loss, ignore_mode=ignore_mode, **kw)
     return crit({'pred_masks': logits, 'aux_masks': []}, label, unseen)['loss_trusty'].item(), M_A.tolist()
 
 
@@ -87,7 +87,7 @@ def test_trusty_dice_predicts_seen_eq9_eq10():
     assert math.isclose(loss, dice_map(X, [1, 0, 1, 1]), rel_tol=1e-5)  # G_A: 1 seen (and 255), 0 unseen
     loss, X = _trusty_case('dice', 'exclude')
     assert math.isclose(loss, dice_map([X[i] for i in (0, 1, 3)], [1, 0, 1]), rel_tol=1e-5)
-    assert SetCriterion(trusty_loss='dice').polarity == 'seen' and SetCriterion().polarity == 'unseen'
+    assert TagCLIPLoss(trusty_loss='dice').polarity == 'seen' and TagCLIPLoss().polarity == 'unseen'
 
 
 def test_trusty_balanced_by_hand():
@@ -96,7 +96,7 @@ def test_trusty_balanced_by_hand():
     bce = sum(-math.log(sig(x) if g else 1 - sig(x)) for x, g in zip(X, G)) / 4
     want = dice_map(X, G) + dice_map([-x for x in X], [1 - g for g in G]) + bce  # 1 - A is sigmoid(-M_A)
     assert math.isclose(loss, want, rel_tol=1e-5)
-    assert SetCriterion(trusty_loss='balanced').polarity == 'seen'
+    assert TagCLIPLoss(trusty_loss='balanced').polarity == 'seen'
 
 
 def test_deep_supervision_adds_each_layer():
@@ -107,10 +107,10 @@ def test_deep_supervision_adds_each_layer():
     unseen[1, :3] = True
     final, aux = torch.randn(2, 4, 4, 4), [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)]
     outputs = {'pred_masks': final, 'aux_masks': aux}
-    plain = SetCriterion(trusty=True)(outputs, label, unseen)
-    deep = SetCriterion(trusty=True, aux_loss=True)(outputs, label, unseen)
+    plain = TagCLIPLoss(trusty=True)(outputs, label, unseen)
+    deep = TagCLIPLoss(trusty=True, aux_loss=True)(outputs, label, unseen)
     assert set(deep) == set(plain) | {f'{k}_{i}' for k in ('loss_focal', 'loss_dice', 'loss_trusty') for i in (0, 1)}
-    layer0 = SetCriterion(trusty=True)({'pred_masks': aux[0], 'aux_masks': []}, label, unseen)
+    layer0 = TagCLIPLoss(trusty=True)({'pred_masks': aux[0], 'aux_masks': []}, label, unseen)
     assert torch.allclose(deep['loss_dice_0'], layer0['loss_dice']) and torch.equal(deep['loss_focal'], plain['loss_focal'])
     w = {'loss_focal': 20, 'loss_dice': 1, 'loss_trusty': 10}
     total = sum(w[k.rstrip('_01')] * v for k, v in deep.items() if k != 'loss')
@@ -121,5 +121,5 @@ def test_deep_supervision_adds_each_layer():
 def test_num_masks_counts_present_pairs():
     label = torch.tensor([[[0, 0, 1, 255]], [[2, 2, 2, 2]]])
     present = (label.unsqueeze(1) == torch.arange(3).view(1, 3, 1, 1)).flatten(2).any(-1)
-    assert SetCriterion.num_masks(present).item() == 3
-    assert SetCriterion.num_masks(torch.zeros(2, 3, dtype=torch.bool)).item() == 1
+    assert TagCLIPLoss.num_masks(present).item() == 3
+    assert TagCLIPLoss.num_masks(torch.zeros(2, 3, dtype=torch.bool)).item() == 1

@@ -1,4 +1,4 @@
-"""model.py: shapes, frozen CLIP, Eq. 4, Eq. 6-8 and Eq. 12 on hand-checkable tensors."""
+"""model.py: shapes, frozen CLIP, paper Eq. 4-8 and Eq. 12 on hand-checkable tensors."""
 
 import math
 from dataclasses import replace
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model, load_clip
-from model import TEMPLATES, ATMLayer, TagCLIPConfig, trusty_scores
+from model import TEMPLATES, ATMLayer, TagCLIPConfig, TrustyLearner, trusty_scores
 
 
 @pytest.mark.parametrize('trusty', [True, False])
@@ -93,6 +93,45 @@ def test_atm_mask_logits_eq7():
     assert torch.allclose(logits[0], by_hand, atol=1e-6)
 
 
+def test_trusty_learner_eq5_by_hand():
+    """Eq. 5 with one head and identity projections is Norm(softmax(T^ T^T / sqrt(d)) T^ + T^)."""
+    layer = TrustyLearner(d=3, heads=1, dropout=0.0).eval()
+    with torch.no_grad():
+        layer.attn.in_proj_weight.copy_(torch.eye(3).repeat(3, 1))  # W_q = W_k = W_v = I, stacked (9, 3)
+        layer.attn.in_proj_bias.zero_()
+        layer.attn.out_proj.weight.copy_(torch.eye(3))
+        layer.attn.out_proj.bias.zero_()
+    assert torch.equal(layer.norm.weight, torch.ones(3)) and torch.equal(layer.norm.bias, torch.zeros(3))
+    T = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 1.0, 2.0]]])  # T^ = [x1; x2], (1, 2, 3)
+    # T^ T^T = [[2, 1], [1, 5]], / sqrt(3); a row softmax of [a, b] is [sigmoid(a - b), sigmoid(b - a)]:
+    #   row 1: sigmoid(1 / sqrt(3)) = 0.64046, 0.35954      row 2: sigmoid(-4 / sqrt(3)) = 0.09035, 0.90965
+    # + shortcut: row 1 = 0.64046 x1 + 0.35954 x2 + x1 = [1.64046, 2, 0.71909] (mean 1.45318, var 0.29099)
+    #             row 2 = 0.09035 x1 + 0.90965 x2 + x2 = [0.09035, 2, 3.81931] (mean 1.96988, var 2.31797)
+    # Norm: (x - mean) / sqrt(var + 1e-5), e.g. (1.64046 - 1.45318) / 0.53945 = 0.34716
+    want = torch.tensor([[[0.34716, 1.01367, -1.36083], [-1.23451, 0.01978, 1.21473]]])
+    assert torch.allclose(layer(T), want, atol=1e-4)
+
+
+def test_atm_eq6_eq7_by_hand():
+    """Eq. 6-7 with d = 2 and two heads of width 1: Q = q_proj(T~) = diag(2, 1) T~, K = V = E (identity)."""
+    layer = ATMLayer(d=2, heads=2, dropout=0.0).eval()
+    with torch.no_grad():
+        for proj, w in ((layer.q_proj, torch.diag(torch.tensor([2.0, 1.0]))), (layer.k_proj, torch.eye(2)),
+                        (layer.v_proj, torch.eye(2))):
+            proj.weight.copy_(w)
+            proj.bias.zero_()
+    seen = {}
+    layer.out_proj.register_forward_hook(lambda m, i, o: seen.update(P=i[0]))
+    q = torch.tensor([[[1.0, 2.0]]])                   # T~, one query: Q = [2, 2]
+    E = torch.tensor([[[3.0, -1.0], [0.5, 4.0]]])      # two patches
+    _, logits = layer(q, E)
+    # head 0 (dim 0): 2 x [3, 0.5] / sqrt(1) = [6, 1]; head 1 (dim 1): 2 x [-1, 4] = [-2, 8]; mean [2, 4.5]
+    assert torch.allclose(logits, torch.tensor([[[2.0, 4.5]]]), atol=1e-6)
+    # P = softmax(Q K^T / sqrt(d/heads)) V per head: head 0 sigmoid(5) = 0.993307: 0.993307 x 3 + 0.006693 x 0.5;
+    # head 1 sigmoid(-10) = 4.54e-5: 4.54e-5 x -1 + 0.9999546 x 4
+    assert torch.allclose(seen['P'], torch.tensor([[[2.98327, 3.99977]]]), atol=1e-5)
+
+
 def test_eq12_trusty_scores():
     logits = torch.tensor([0.0, 2.0, -1.0, 1.0]).view(1, 4, 1, 1)   # 3 classes + trusty M_A
     seen = torch.tensor([True, False, True])
@@ -111,6 +150,22 @@ def test_eq12_trusty_scores():
     assert torch.allclose(w, torch.stack([S[0] * a, S[1] * (1 - a), S[2] * a]))
     # no trusty channel: weighting has nothing to weight
     assert torch.allclose(trusty_scores(logits[:, :3], seen, 0.0, True).flatten(), S)
+
+
+def test_eq12_trusty_scores_literal():
+    """Eq. 12 on two pixels with the same class logits [0, 2, -1] and M_A = 1, -1; classes 0 and 2 seen.
+    S = sigmoid([0, 2, -1]) = [0.5, 0.88080, 0.26894]; sigmoid(1) = 0.73106, sigmoid(-1) = 0.26894."""
+    logits = torch.tensor([[0.0, 0.0], [2.0, 2.0], [-1.0, -1.0], [1.0, -1.0]]).view(1, 4, 1, 2)
+    seen = torch.tensor([True, False, True])
+    # authors' polarity, A = 1 - sigmoid(M_A) = 0.26894, 0.73106; seen (S - 0.1) A, unseen S (1 - A):
+    #   pixel 1: [0.4 x 0.26894, 0.88080 x 0.73106, 0.16894 x 0.26894]
+    #   pixel 2: [0.4 x 0.73106, 0.88080 x 0.26894, 0.16894 x 0.73106]
+    want = torch.tensor([[0.10758, 0.29242], [0.64391, 0.23688], [0.04544, 0.12351]])
+    assert torch.allclose(trusty_scores(logits, seen)[0, :, 0], want, atol=1e-5)
+    # paper's polarity, no calibration, pixel 1: A = sigmoid(M_A) = 0.73106; seen S A, unseen S (1 - A):
+    #   [0.5 x 0.73106, 0.88080 x 0.26894, 0.26894 x 0.73106]
+    got = trusty_scores(logits, seen, calibration=0.0, polarity='seen')[0, :, 0, 0]
+    assert torch.allclose(got, torch.tensor([0.36553, 0.23688, 0.19661]), atol=1e-5)
 
 
 def test_positional_embedding_interpolation(tiny_cfg):

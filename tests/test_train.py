@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from losses import SetCriterion
+from losses import TagCLIPLoss
 from checkpoint import build_model
 from model import TagCLIPConfig
 from tests.conftest import TINY_CLIP
@@ -39,7 +39,7 @@ def final_weights(out):
 def test_overfits_a_fixed_batch():
     torch.manual_seed(0)
     model = build_model(TagCLIPConfig(clip_model='tiny_test_clip', pretrained=None, n_prompts=2, heads=4)).train()
-    crit = SetCriterion(trusty=True)
+    crit = TagCLIPLoss(trusty=True)
     opt = torch.optim.AdamW(model.param_groups(1e-3, 0.01))
     label = torch.full((2, 64, 64), 255)
     label[0, :32], label[0, 32:, :40], label[1, :, 20:] = 0, 1, 2
@@ -131,8 +131,8 @@ def test_two_ranks_equal_one_with_double_batch(world, tmp_path, monkeypatch):
 
 def test_transductive_switch_and_pseudo_labels(world, tmp_path, monkeypatch):
     vocab_sizes = []
-    forward = SetCriterion.forward
-    monkeypatch.setattr(SetCriterion, 'forward', lambda self, out, *a: vocab_sizes.append(out['pred_masks'].shape[1]) or forward(self, out, *a))
+    forward = TagCLIPLoss.forward
+    monkeypatch.setattr(TagCLIPLoss, 'forward', lambda self, out, *a: vocab_sizes.append(out['pred_masks'].shape[1]) or forward(self, out, *a))
     train.main(argv(world, tmp_path / 't', '--setting', 'transductive', '--iters', '4', '--no-eval', '--trusty', 'on'))
     assert vocab_sizes == [20 + 1] * 2 + [26 + 1] * 2  # 20 seen classes (background too) first, all 26 from step iters/2
 
@@ -175,14 +175,14 @@ def test_bad_input_fails_early(world, tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_with_the_term(world, tmp_path, monkeypatch):
-    forward = SetCriterion.forward
+    forward = TagCLIPLoss.forward
 
     def broken(self, *a):
         out = forward(self, *a)
         out['loss_dice'] = out['loss_dice'] * float('nan')
         return out
 
-    monkeypatch.setattr(SetCriterion, 'forward', broken)
+    monkeypatch.setattr(TagCLIPLoss, 'forward', broken)
     with pytest.raises(SystemExit, match=r'step 0: non-finite loss_dice'):
         train.main(argv(world, tmp_path / 'n', '--iters', '2', '--no-eval'))
 
@@ -192,8 +192,8 @@ def test_mixed_precision_steps(world, tmp_path, monkeypatch, amp, dtype):
     """CPU autocast (bf16; fp16 with the GradScaler): the forward runs in `dtype`, losses, weights and
     the evaluation stay finite float32."""
     seen = []
-    forward = SetCriterion.forward
-    monkeypatch.setattr(SetCriterion, 'forward', lambda self, out, *a: seen.append(out['pred_masks'].dtype) or forward(self, out, *a))
+    forward = TagCLIPLoss.forward
+    monkeypatch.setattr(TagCLIPLoss, 'forward', lambda self, out, *a: seen.append(out['pred_masks'].dtype) or forward(self, out, *a))
     metrics = train.main(argv(world, tmp_path / amp, '--iters', '2', '--eval-every', '2', '--amp', amp))
     assert seen == [dtype] * 2
     ckpt = torch.load(tmp_path / amp / 'last.pt', weights_only=True)
