@@ -348,10 +348,6 @@ def build_dataset(name, root, split, transform=None):
     return SegDataset(name, root, samples, lut, transform)
 
 
-def collate_eval(batch):
-    """Eval collate: images differ in size, so the batch stays a list of item dicts."""
-    return batch
-
 # -----------------------------------------------------------------------------
 # transforms: callables on (image, label) composed with v2.Compose (DESIGN §8, mmseg semantics)
 
