@@ -20,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     says what the default is, or there is none (None, or off for an on/off switch)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or 'default' in (action.help or ''):
+        if action.default is None or action.default is False or 'default' in (action.help or ''):  # 0 is shown
             return action.help
         return super()._get_help_string(action)
 
