@@ -1,4 +1,4 @@
-"""Train TagCLIP (paper §3-4, DESIGN §6 and §8). Same code on one CPU and on N GPUs:
+"""Train TagCLIP (paper §3-4, DESIGN §6 and §8), with the same code on one CPU and on N GPUs.
 
     python train.py                                   # offline toy world: train, evaluate, print hIoU
     torchrun --nproc_per_node 8 train.py --dataset voc --data-root data/VOCdevkit/VOC2012
@@ -15,7 +15,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, replace
+from collections import Counter
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -29,91 +30,116 @@ from evaluate import amp_dtype, eval_loader, evaluate, format_table
 from losses import SetCriterion
 from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from model import TagCLIPConfig
-from runtime import agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed, strict, write_json
+from runtime import (HelpFormatter, agreed_exit, cpu_threads, first_error, in_step, is_main, setup_distributed,
+                     strict, write_json)
+import toy
 
-# the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
-# Its trusty map's focal loss weights the unseen pixels 0.75 (authors: 0.25), a choice the toy world motivated (README).
-TOY_DEFAULTS = dict(batch_size=8, lr=1e-3, warmup=100, eval_every=1000, workers=1, ratio_range=(1.0, 1.0),
-                    photometric='off', trusty_alpha=0.75)
+# The authors' recipe (TagCLIP's configs) for every dataset. Each dataset's defaults: this, then its
+# entry's model settings (iters, crop, n_prompts, templates), then its entry's `recipe` (data.py),
+# then what the command line says. Strings are formatted with the dataset and the setting.
+RECIPE = dict(batch_size=16, lr=2e-4, warmup=1500, eval_every=2000, workers=4, trusty_loss='focal',
+              ratio_range=(0.5, 2.0), photometric='on', trusty_alpha=0.25, clip_model='ViT-B-16',
+              data_root=None, out_dir='runs/{dataset}-{setting}')
+
+
+def recipe(dataset):
+    """train.py's defaults for `dataset` (before the command line)."""
+    info = DATASETS[dataset]
+    return {**RECIPE, 'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts,
+            'templates': info.templates, **info.recipe}
+
+
+def shown(key, none='none'):
+    """A recipe default as --help shows it, once for every dataset: '(default: 16; toy: 8)': RECIPE's
+    value (or else the most common one), then each dataset whose value differs; a None first value
+    reads `none` instead of 'default: None'."""
+    values = {name: recipe(name)[key] for name in DATASETS}
+    common = RECIPE[key] if key in RECIPE else Counter(values.values()).most_common(1)[0][0]
+    differ = {}
+    for name, value in values.items():
+        if value != common:
+            differ.setdefault(value, []).append(name)
+
+    def text(v):  # as it is typed on the command line
+        return ' '.join(map(text, v)) if isinstance(v, tuple) else f'{v:g}' if isinstance(v, float) else str(v)
+    first = none if common is None else f'default: {text(common)}'
+    return '(' + '; '.join([first] + [f"{', '.join(names)}: {text(v)}" for v, names in differ.items()]) + ')'
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     a = p.add_argument_group('data').add_argument
-    a('--dataset', default='toy', choices=sorted(DATASETS))
-    a('--data-root', default=None, help="dataset folder in the mmseg layout (toy: generated under data/toy)")
-    a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'])
-    a('--out-dir', default=None, help='default: runs/<dataset>-<setting>')
-    a('--workers', type=int, default=None, help='data loader processes per rank (default 4; toy 1)')
-    a('--crop', type=int, default=None, help="train crop (default: the dataset's, 512)")
-    a('--ratio-range', type=float, nargs=2, default=None,
-      help="random rescale ratio (default 0.5 2.0; toy: 1 1, its pattern period is part of the class)")
+    a('--dataset', default='toy', choices=sorted(DATASETS),
+      help="data.py's DATASETS entry: classes, zero-shot split, folder layout, recipe")
+    a('--data-root', help='dataset folder in the mmseg layout; the toy world is generated there '
+                          + shown('data_root', none='required'))
+    a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'],
+      help='inductive: zero-shot, unseen pixels ignored; transductive: from half-way also self-trains on pseudo '
+           'labels of the unseen pixels; fully: supervised on every class')
+    a('--out-dir', help=f"checkpoints, log.jsonl and metrics.json {shown('out_dir')}")
+    a('--workers', type=int, help=f"data loader processes per rank {shown('workers')}")
+    a('--crop', type=int, help=f"train crop {shown('crop')}")
+    a('--ratio-range', type=float, nargs=2, metavar=('LO', 'HI'),
+      help=f"random rescale ratio {shown('ratio_range')}")
     a('--cat-max-ratio', type=float, default=0.75, help='crop retries while one class covers more')
-    a('--photometric', default=None, choices=['on', 'off'],
-      help="photometric distortion (default on; toy: off, hue jitter crosses its colour classes)")
+    a('--photometric', choices=['on', 'off'], help=f"photometric distortion {shown('photometric')}")
     a = p.add_argument_group('model').add_argument
-    a('--clip-model', default=None, help="open_clip ViT (default ViT-B-16; toy: toy_clip)")
-    a('--pretrained', default=None,
-      help="open_clip tag, checkpoint file or 'none' (random) (default openai; toy: pretrained here)")
-    a('--n-prompts', type=int, default=None, help="deep prompts per layer (default: 10, COCO-Stuff 100)")
-    a('--decoder-layers', type=int, default=3)
-    a('--heads', type=int, default=8)
+    a('--clip-model', help=f"open_clip ViT {shown('clip_model')}")
+    a('--pretrained', help="open_clip tag, checkpoint file or 'none' (random) "
+                           "(default: openai; toy: the tiny CLIP pretrained on the toy world, cached in --data-root)")
+    a('--n-prompts', type=int, help=f"deep prompts per layer {shown('n_prompts')}")
+    a('--decoder-layers', type=int, default=3, help='ATM decoder layers')
+    a('--heads', type=int, default=8, help='attention heads of the decoder and the Trusty Learner')
     a('--dropout', type=float, default=0.1, help='decoder dropout')
-    a('--prompt-dropout', type=float, default=0.1)
+    a('--prompt-dropout', type=float, default=0.1, help='dropout on the deep visual prompts')
     a('--trusty', default='auto', choices=['auto', 'on', 'off'],
       help='trusty token (auto: on, except VOC transductive and fully supervised VOC/toy)')
     a('--no-trusty', dest='trusty', action='store_const', const='off', help='= --trusty off: exactly ZegCLIP')
     a('--no-trusty-learner', action='store_true', help='keep the token, drop the self-attention (Tab. 1b)')
-    a('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
+    a('--templates', choices=['single', 'ensemble'], help=f"prompt templates {shown('templates')}")
     a = p.add_argument_group('loss').add_argument
-    a('--trusty-loss', default=None, choices=['focal', 'dice', 'balanced'],
-      help="focal: authors' code (default); dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE")
+    a('--trusty-loss', choices=['focal', 'dice', 'balanced'],
+      help=f"focal: authors' code; dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE {shown('trusty_loss')}")
     a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
     a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
-    a('--weight-focal', type=float, default=None,
-      help="default 20 (TagCLIP's configs); 100 with --no-trusty / --trusty off (ZegCLIP's recipe)")
-    a('--weight-dice', type=float, default=1.0)
-    a('--weight-trusty', type=float, default=10.0)
-    a('--trusty-alpha', type=float, default=None, help="focal alpha of the trusty map's unseen pixels (default 0.25, the authors'; toy 0.75)")
+    a('--weight-focal', type=float, help="weight of the focal loss of the class masks "
+                                         "(default: 20, TagCLIP's configs; 100 with --no-trusty / --trusty off, ZegCLIP's)")
+    a('--weight-dice', type=float, default=1.0, help='weight of the dice loss of the class masks')
+    a('--weight-trusty', type=float, default=10.0, help='weight of the trusty-map loss')
+    a('--trusty-alpha', type=float, help=f"focal alpha of the trusty map's unseen pixels {shown('trusty_alpha')}")
     a = p.add_argument_group('optimisation').add_argument
-    a('--iters', type=int, default=None, help="default: VOC 20k, COCO-Stuff 80k, toy 3k")
-    a('--batch-size', type=int, default=None, help='global batch, split over ranks (default 16; toy 8)')
-    a('--lr', type=float, default=None, help='AdamW lr for every trainable parameter (default 2e-4; toy 1e-3)')
-    a('--weight-decay', type=float, default=0.01)
+    a('--iters', type=int, help=f"train iterations {shown('iters')}")
+    a('--batch-size', type=int, help=f"global batch, split over ranks {shown('batch_size')}")
+    a('--lr', type=float, help=f"AdamW lr for every trainable parameter {shown('lr')}")
+    a('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     a('--exempt-norms', action='store_true', help='no weight decay on norms, biases, prompts, t_A')
-    a('--warmup', type=int, default=None, help='linear warm-up iterations (default 1500; toy 100)')
-    a('--warmup-ratio', type=float, default=1e-6)
-    a('--poly-power', type=float, default=0.9)
-    a('--min-lr', type=float, default=1e-6)
+    a('--warmup', type=int, help=f"linear warm-up iterations {shown('warmup')}")
+    a('--warmup-ratio', type=float, default=1e-6, help='the warm-up starts at this fraction of the lr')
+    a('--poly-power', type=float, default=0.9, help='power of the poly decay after the warm-up')
+    a('--min-lr', type=float, default=1e-6, help='the lr the poly decay ends at')
     a('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA, off on CPU')
-    a('--seed', type=int, default=0)
+    a('--seed', type=int, default=0, help='training seed (rank r: seed + r; the augmentation: seed, epoch, index)')
     a('--threads', type=int, default=0, help='CPU: torch threads per process (0: the cores the data workers leave free)')
     a = p.add_argument_group('run').add_argument
-    a('--eval-every', type=int, default=None, help='evaluate and checkpoint every N steps (default 2000; toy 1000)')
-    a('--log-every', type=int, default=20)
-    a('--resume', default=None, help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
-    a('--init-from', default=None, help='start from these weights with a fresh schedule (two-stage transductive)')
-    a('--calibration', type=float, default=None, help='seen-score calibration at evaluation (default: 0.1 inductive)')
+    a('--eval-every', type=int, help=f"evaluate and checkpoint every N steps {shown('eval_every')}")
+    a('--log-every', type=int, default=20, help='log the losses every N steps')
+    a('--resume', help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
+    a('--init-from', help='start from these weights with a fresh schedule (two-stage transductive)')
+    a('--calibration', type=float, help='seen-score calibration at evaluation (default: 0.1 inductive, else 0)')
     a('--no-eval', action='store_true', help='skip evaluation (checkpoints only)')
-    a('--toy-clip-steps', type=int, default=None, help='toy world: tiny CLIP pretraining steps')
-    a('--toy-images', type=int, nargs=2, default=(5000, 500), help='toy world: train and val images')
+    a('--toy-clip-steps', type=int, help=f'toy world: tiny CLIP pretraining steps (default: {toy.CLIP_STEPS})')
+    a('--toy-images', type=int, nargs=2, default=(5000, 500), metavar=('TRAIN', 'VAL'),
+      help='toy world: train and val images')
     a('--toy-seed', type=int, default=0, help='toy world: seed of the generated images and of the tiny CLIP')
-    args = p.parse_args(argv)
-    return fill_defaults(args)
+    return apply_defaults(p.parse_args(argv))
 
 
-def fill_defaults(args):
-    info = DATASETS[args.dataset]
-    toy = args.dataset == 'toy'
-    dflt = {'batch_size': 16, 'lr': 2e-4, 'warmup': 1500, 'eval_every': 2000, 'workers': 4, 'trusty_loss': 'focal',
-            'ratio_range': (0.5, 2.0), 'photometric': 'on', 'trusty_alpha': 0.25,
-            **(TOY_DEFAULTS if toy else {}),
-            'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts, 'templates': info.templates,
-            'clip_model': 'toy_clip' if toy else 'ViT-B-16', 'out_dir': f'runs/{args.dataset}-{args.setting}',
-            'data_root': 'data/toy' if toy else None}
-    for k, v in dflt.items():
+def apply_defaults(args):
+    """The dataset's recipe for every flag left unset, then the two rules of --weight-focal and
+    --trusty auto; a real dataset needs --data-root."""
+    for k, v in recipe(args.dataset).items():
         if getattr(args, k) is None:
-            setattr(args, k, v)
+            setattr(args, k, v.format(dataset=args.dataset, setting=args.setting) if isinstance(v, str) else v)
     if args.weight_focal is None:  # before 'auto' resolves: only an explicit --no-trusty trains as ZegCLIP did
         args.weight_focal = 100.0 if args.trusty == 'off' else 20.0
     if args.trusty == 'auto':
@@ -123,6 +149,15 @@ def fill_defaults(args):
     if args.data_root is None:
         raise SystemExit(f'--data-root is required for --dataset {args.dataset}')
     return args
+
+
+def model_config(args):
+    """TagCLIPConfig from the flags of the same names; --trusty on/off, --no-trusty-learner and
+    --pretrained 'none' translated."""
+    kw = {f.name: getattr(args, f.name) for f in fields(TagCLIPConfig) if hasattr(args, f.name)}
+    kw.update(pretrained=None if args.pretrained == 'none' else args.pretrained, trusty=args.trusty == 'on',
+              trusty_learner=not args.no_trusty_learner)
+    return TagCLIPConfig(**kw)
 
 
 # ----------------------------------------------------------------------------- data
@@ -197,7 +232,6 @@ def pseudo_label(pred_masks, label, unseen, unseen_ids):
 def prepare_toy(args, rank, world):
     """Rank 0 generates the toy world and pretrains its tiny CLIP (both cached on disk); the other
     ranks wait. Unless --pretrained is given, the model starts from that CLIP."""
-    import toy
     steps = args.toy_clip_steps or toy.CLIP_STEPS
     if rank == 0:
         if args.pretrained is None:
@@ -269,7 +303,6 @@ def train(args):
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cpu_threads(args.workers))
     args.pretrained = args.pretrained or 'openai'
-    pretrained = None if args.pretrained == 'none' else args.pretrained
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     out_dir = Path(args.out_dir)
@@ -278,10 +311,7 @@ def train(args):
 
     classes, unseen = class_split(args)
     seen = [c for c in classes if c not in unseen]
-    cfg = TagCLIPConfig(clip_model=args.clip_model, pretrained=pretrained, n_prompts=args.n_prompts,
-                        decoder_layers=args.decoder_layers, heads=args.heads, trusty=args.trusty == 'on',
-                        trusty_learner=not args.no_trusty_learner, prompt_dropout=args.prompt_dropout,
-                        dropout=args.dropout, templates=args.templates)
+    cfg = model_config(args)
     resume = str(out_dir / 'last.pt') if args.resume == 'auto' else args.resume
     if resume and args.resume == 'auto' and not os.path.isfile(resume):
         resume = None  # nothing to resume yet: a fresh run
