@@ -293,6 +293,62 @@ def main(argv=None):
 
 
 def train(args):
+    """The run top-down: this process, the checkpoint it starts from, the data, the model and its
+    optimiser; then train_step until --iters, with evaluate_and_save every --eval-every steps."""
+    rank, world, device = setup_process(args)
+    out_dir = Path(args.out_dir)
+    classes, unseen = class_split(args)
+    seen = [c for c in classes if c not in unseen]
+    resume, ckpt, cfg = open_checkpoint(args, model_config(args), out_dir, world)
+    train_set, val_set = open_datasets(args)
+    clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
+    model, criterion, optimizer, scheduler, scaler, amp = build_model_and_optimizer(args, cfg, clip_state, device)
+    step, best = 0, -math.inf
+    if ckpt is not None:
+        step, best = restore(args, ckpt, resume, rank, model, optimizer, scheduler, scaler)
+    # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
+    # (only its mask logits do, as in the authors' code); the same parameters are unused every step
+    ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
+    loader, val_loader = make_loaders(args, train_set, val_set, model, rank, world, device, step)
+    text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
+    luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
+    unseen_ids = [classes.index(c) for c in unseen]
+    run_eval, state = make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, scheduler, scaler,
+                                          amp, classes, seen, unseen, val_loader, world)
+
+    model.train()
+    log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
+    bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
+    metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
+    for images, labels in in_step(loader, device):
+        if step >= args.iters:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        vocab = vocabulary_at(step, args)
+        losses = train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text[vocab],
+                            luts[vocab], unseen_ids if vocab == 'all' else [], step)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.iters:
+            log_losses(losses, step, scheduler.get_last_lr()[0], (step - start_step) / (train_time + time.time() - t0),
+                       bar, log)
+        if step % args.eval_every == 0 or step == args.iters:
+            train_time += time.time() - t0
+            metrics, best = evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_dir, log)
+            t0 = time.time()
+    bar.close()
+    if is_main() and metrics is not None:
+        print(format_table(metrics))
+        write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
+        print(f'checkpoints and metrics.json in {out_dir}')
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def setup_process(args):
+    """torchrun's process group, CPU threads, the toy world (rank 0 makes it), seeds, --out-dir.
+    Returns (rank, world size, device)."""
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
@@ -305,13 +361,14 @@ def train(args):
     args.pretrained = args.pretrained or 'openai'
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    out_dir = Path(args.out_dir)
     if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    return rank, world, device
 
-    classes, unseen = class_split(args)
-    seen = [c for c in classes if c not in unseen]
-    cfg = model_config(args)
+
+def open_checkpoint(args, cfg, out_dir, world):
+    """The checkpoint to start from: --resume (a path, or 'auto': out_dir/last.pt if there is one) or
+    --init-from. Returns (resume path or None, checkpoint or None, cfg with the checkpoint's quirks)."""
     resume = str(out_dir / 'last.pt') if args.resume == 'auto' else args.resume
     if resume and args.resume == 'auto' and not os.path.isfile(resume):
         resume = None  # nothing to resume yet: a fresh run
@@ -324,15 +381,24 @@ def train(args):
     ckpt = None
     if resume or args.init_from:
         ckpt, cfg = load_checkpoint(resume or args.init_from, cfg, bool(resume))
-    try:  # a bad root or split file fails here, before any long work
+    return resume, ckpt, cfg
+
+
+def open_datasets(args):
+    """(train set, val set or None with --no-eval); a bad root or split file fails here, on every rank,
+    before any long work."""
+    try:
         train_set = build_dataset(args.dataset, args.data_root, 'train')
         val_set, error = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val'), None
     except DatasetError as e:
         error = str(e)
     if (error := first_error(error)) is not None:
         raise DatasetError(error)
+    return train_set, val_set
 
-    clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
+
+def build_model_and_optimizer(args, cfg, clip_state, device):
+    """(model, criterion, optimizer, scheduler, scaler, amp dtype or None)."""
     model = build_model(cfg, clip_state).to(device)
     criterion = SetCriterion(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
                              args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
@@ -340,21 +406,28 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     amp = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step, best = 0, -math.inf
-    if ckpt is not None:
-        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], partial=not resume)
-        if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
-            print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
-        if resume:
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            scaler.load_state_dict(ckpt['scaler'])
-            step, best = ckpt['step'], ckpt['best']
-            set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-    # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
-    # (only its mask logits do, as in the authors' code); the same parameters are unused every step
-    ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
+    return model, criterion, optimizer, scheduler, scaler, amp
 
+
+def restore(args, ckpt, resume, rank, model, optimizer, scheduler, scaler):
+    """Loads the checkpoint's weights; on --resume also the optimiser, schedule, scaler and this rank's
+    RNG states. Returns (step, best score)."""
+    step, best = 0, -math.inf
+    missing, unexpected = model.load_trainable_state_dict(ckpt['model'], partial=not resume)
+    if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
+        print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
+    if resume:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step, best = ckpt['step'], ckpt['best']
+        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    return step, best
+
+
+def make_loaders(args, train_set, val_set, model, rank, world, device, step):
+    """The endless, seeded training loader from `step` on (this rank's share of the global batch), and
+    the evaluation loader (None without a val set) whose workers persist between evaluations."""
     per_rank = args.batch_size // world
     transform = train_transform(model.mean, model.std, args.crop, scale=(4 * args.crop, args.crop),
                                 ratio_range=tuple(args.ratio_range), cat_max_ratio=args.cat_max_ratio,
@@ -365,14 +438,17 @@ def train(args):
         sampler=TrainSampler(train_set, rank, world, args.seed, per_rank, step), drop_last=True,
         pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
         generator=torch.Generator())  # keeps the global RNG (dropout) independent of the loader
+    val_loader = None
     if val_set is not None:
         val_set.transform = eval_transform(model.mean, model.std, DATASETS[args.dataset].eval_short)
         val_loader = eval_loader(val_set, args.workers, persistent=True)  # workers kept between evaluations
+    return loader, val_loader
 
-    text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
-    luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
-    unseen_ids = [classes.index(c) for c in unseen]
 
+def make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, scheduler, scaler, amp,
+                        classes, seen, unseen, val_loader, world):
+    """run_eval(): the metrics of the model now on the val set; state(step, best, metrics): the
+    checkpoint dict of the run now (every rank's RNG states gathered)."""
     def run_eval():
         m = evaluate(model, val_loader, classes, [c in seen for c in classes],
                      mode='slide', crop=args.crop, stride=round(args.crop * 426 / 512), polarity=criterion.polarity,
@@ -381,7 +457,7 @@ def train(args):
         model.train()
         return m
 
-    def state(metrics=None):
+    def state(step, best, metrics=None):
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -393,65 +469,59 @@ def train(args):
                                store_clip=cfg.pretrained is None or clip_state is not None,
                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                scaler=scaler.state_dict(), step=step, best=best, rng=rngs, metrics=metrics)
+    return run_eval, state
 
-    model.train()
-    log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
-    bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
-    metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
-    for images, labels in in_step(loader, device):
-        if step >= args.iters:
-            break
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        vocab = vocabulary_at(step, args)
-        to_vocab, is_unseen = luts[vocab]
-        label, unseen_px = to_vocab[labels], is_unseen[labels]
-        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-            outputs = ddp(images, text[vocab])
-        if vocab == 'all' and unseen:
-            label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
-        losses = criterion(outputs, label, unseen_px if cfg.trusty else None)
-        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-        if bad:
-            raise SystemExit(f'step {step}: non-finite {bad[0]} = {losses[bad[0]].item()}; stopping')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses['loss']).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.iters:
-            logged = reduce_dict({k: v.detach() for k, v in losses.items()})
-            bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in logged.items()} | {'lr': f'{scheduler.get_last_lr()[0]:.2e}'})
-            if log:
-                log.write(json.dumps({'step': step, 'lr': scheduler.get_last_lr()[0], **logged,
-                                      'it/s': (step - start_step) / (train_time + time.time() - t0)}) + '\n')
-                log.flush()
-        if step % args.eval_every == 0 or step == args.iters:
-            train_time += time.time() - t0
-            if val_set is not None:
-                metrics = run_eval()
-                score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
-                if is_main():
-                    tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
-                    log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
-                if not score < best:  # NaN (no unseen class in the set) never blocks the first save
-                    best = score
-                    ckpt = state(metrics)
-                    if is_main():
-                        save_checkpoint(out_dir / 'best.pt', ckpt)
-            ckpt = state(metrics)
+
+def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text, luts, unseen_ids, step):
+    """One optimiser step on a batch in the step's vocabulary (its text embeddings and label LUTs);
+    unseen_ids: where the transductive second half pseudo-labels the unseen pixels (else []).
+    Returns the loss terms; a non-finite one stops the run."""
+    to_vocab, is_unseen = luts
+    label, unseen_px = to_vocab[labels], is_unseen[labels]
+    device = images.device
+    with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+        outputs = ddp(images, text)
+    if unseen_ids:
+        label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
+    losses = criterion(outputs, label, unseen_px if criterion.trusty else None)
+    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+    if bad:
+        raise SystemExit(f'step {step}: non-finite {bad[0]} = {losses[bad[0]].item()}; stopping')
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses['loss']).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return losses
+
+
+def log_losses(losses, step, lr, steps_per_s, bar, log):
+    """The loss terms averaged over ranks, on the progress bar and (rank 0) as a line of log.jsonl."""
+    logged = reduce_dict({k: v.detach() for k, v in losses.items()})
+    bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in logged.items()} | {'lr': f'{lr:.2e}'})
+    if log:
+        log.write(json.dumps({'step': step, 'lr': lr, **logged, 'it/s': steps_per_s}) + '\n')
+        log.flush()
+
+
+def evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_dir, log):
+    """Every --eval-every steps: evaluate (unless --no-eval), best.pt when the score did not drop,
+    then last.pt. Returns (metrics, best score)."""
+    if val_set is not None:
+        metrics = run_eval()
+        score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
+        if is_main():
+            tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
+            log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
+        if not score < best:  # NaN (no unseen class in the set) never blocks the first save
+            best = score
+            ckpt = state(step, best, metrics)
             if is_main():
-                save_checkpoint(out_dir / 'last.pt', ckpt)
-            t0 = time.time()
-    bar.close()
-    if is_main() and metrics is not None:
-        print(format_table(metrics))
-        write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
-        print(f'checkpoints and metrics.json in {out_dir}')
-    if world > 1:
-        dist.destroy_process_group()
-    return metrics
+                save_checkpoint(out_dir / 'best.pt', ckpt)
+    ckpt = state(step, best, metrics)
+    if is_main():
+        save_checkpoint(out_dir / 'last.pt', ckpt)
+    return metrics, best
 
 
 def reduce_dict(losses):
