@@ -49,7 +49,7 @@ def recipe(dataset):
             'templates': info.templates, **info.recipe}
 
 
-def shown(key, none='none'):
+def shown_default(key, none='none'):
     """A recipe default as --help shows it, once for every dataset: '(default: 16; toy: 8)': RECIPE's
     value (or else the most common one), then each dataset whose value differs; a None first value
     reads `none` instead of 'default: None'."""
@@ -72,22 +72,22 @@ def get_args(argv=None):
     a('--dataset', default='toy', choices=sorted(DATASETS),
       help="data.py's DATASETS entry: classes, zero-shot split, folder layout, recipe")
     a('--data-root', help='dataset folder in the mmseg layout; the toy world is generated there '
-                          + shown('data_root', none='required'))
+                          + shown_default('data_root', none='required'))
     a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'],
       help='inductive: zero-shot, unseen pixels ignored; transductive: from half-way also self-trains on pseudo '
            'labels of the unseen pixels; fully: supervised on every class')
-    a('--out-dir', help=f"checkpoints, log.jsonl and metrics.json {shown('out_dir')}")
-    a('--workers', type=int, help=f"data loader processes per rank {shown('workers')}")
-    a('--crop', type=int, help=f"train crop {shown('crop')}")
+    a('--out-dir', help=f"checkpoints, log.jsonl and metrics.json {shown_default('out_dir')}")
+    a('--workers', type=int, help=f"data loader processes per rank {shown_default('workers')}")
+    a('--crop', type=int, help=f"train crop {shown_default('crop')}")
     a('--ratio-range', type=float, nargs=2, metavar=('LO', 'HI'),
-      help=f"random rescale ratio {shown('ratio_range')}")
+      help=f"random rescale ratio {shown_default('ratio_range')}")
     a('--cat-max-ratio', type=float, default=0.75, help='crop retries while one class covers more')
-    a('--photometric', choices=['on', 'off'], help=f"photometric distortion {shown('photometric')}")
+    a('--photometric', choices=['on', 'off'], help=f"photometric distortion {shown_default('photometric')}")
     a = p.add_argument_group('model').add_argument
-    a('--clip-model', help=f"open_clip ViT {shown('clip_model')}")
+    a('--clip-model', help=f"open_clip ViT {shown_default('clip_model')}")
     a('--pretrained', help="open_clip tag, checkpoint file or 'none' (random) "
                            "(default: openai; toy: the tiny CLIP pretrained on the toy world, cached in --data-root)")
-    a('--n-prompts', type=int, help=f"deep prompts per layer {shown('n_prompts')}")
+    a('--n-prompts', type=int, help=f"deep prompts per layer {shown_default('n_prompts')}")
     a('--decoder-layers', type=int, default=3, help='ATM decoder layers')
     a('--heads', type=int, default=8, help='attention heads of the decoder and the Trusty Learner')
     a('--dropout', type=float, default=0.1, help='decoder dropout')
@@ -96,24 +96,26 @@ def get_args(argv=None):
       help='trusty token (auto: on, except VOC transductive and fully supervised VOC/toy)')
     a('--no-trusty', dest='trusty', action='store_const', const='off', help='= --trusty off: exactly ZegCLIP')
     a('--no-trusty-learner', action='store_true', help='keep the token, drop the self-attention (Tab. 1b)')
-    a('--templates', choices=['single', 'ensemble'], help=f"prompt templates {shown('templates')}")
+    a('--templates', choices=['single', 'ensemble'], help=f"prompt templates {shown_default('templates')}")
     a = p.add_argument_group('loss').add_argument
     a('--trusty-loss', choices=['focal', 'dice', 'balanced'],
-      help=f"focal: authors' code; dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE {shown('trusty_loss')}")
+      help="focal: authors' code; dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE "
+           + shown_default('trusty_loss'))
     a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
     a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
-    a('--weight-focal', type=float, help="weight of the focal loss of the class masks "
-                                         "(default: 20, TagCLIP's configs; 100 with --no-trusty / --trusty off, ZegCLIP's)")
+    a('--weight-focal', type=float, help="weight of the focal loss of the class masks (default: 20, TagCLIP's "
+                                         "configs; 100 with --no-trusty / --trusty off, ZegCLIP's)")
     a('--weight-dice', type=float, default=1.0, help='weight of the dice loss of the class masks')
     a('--weight-trusty', type=float, default=10.0, help='weight of the trusty-map loss')
-    a('--trusty-alpha', type=float, help=f"focal alpha of the trusty map's unseen pixels {shown('trusty_alpha')}")
+    a('--trusty-alpha', type=float,
+      help=f"focal alpha of the trusty map's unseen pixels {shown_default('trusty_alpha')}")
     a = p.add_argument_group('optimisation').add_argument
-    a('--iters', type=int, help=f"train iterations {shown('iters')}")
-    a('--batch-size', type=int, help=f"global batch, split over ranks {shown('batch_size')}")
-    a('--lr', type=float, help=f"AdamW lr for every trainable parameter {shown('lr')}")
+    a('--iters', type=int, help=f"train iterations {shown_default('iters')}")
+    a('--batch-size', type=int, help=f"global batch, split over ranks {shown_default('batch_size')}")
+    a('--lr', type=float, help=f"AdamW lr for every trainable parameter {shown_default('lr')}")
     a('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     a('--exempt-norms', action='store_true', help='no weight decay on norms, biases, prompts, t_A')
-    a('--warmup', type=int, help=f"linear warm-up iterations {shown('warmup')}")
+    a('--warmup', type=int, help=f"linear warm-up iterations {shown_default('warmup')}")
     a('--warmup-ratio', type=float, default=1e-6, help='the warm-up starts at this fraction of the lr')
     a('--poly-power', type=float, default=0.9, help='power of the poly decay after the warm-up')
     a('--min-lr', type=float, default=1e-6, help='the lr the poly decay ends at')
@@ -121,7 +123,7 @@ def get_args(argv=None):
     a('--seed', type=int, default=0, help='training seed (rank r: seed + r; the augmentation: seed, epoch, index)')
     a('--threads', type=int, default=0, help='CPU: torch threads per process (0: the cores the data workers leave free)')
     a = p.add_argument_group('run').add_argument
-    a('--eval-every', type=int, help=f"evaluate and checkpoint every N steps {shown('eval_every')}")
+    a('--eval-every', type=int, help=f"evaluate and checkpoint every N steps {shown_default('eval_every')}")
     a('--log-every', type=int, default=20, help='log the losses every N steps')
     a('--resume', help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
     a('--init-from', help='start from these weights with a fresh schedule (two-stage transductive)')
@@ -225,8 +227,8 @@ def pseudo_label(pred_masks, label, unseen, unseen_ids):
     pred_masks (B, C[+1], h, w), label (B, H, W) in the full vocabulary with unseen pixels = 255."""
     logits = F.interpolate(pred_masks.float(), size=label.shape[-2:], mode='bilinear', align_corners=False)
     ids = torch.as_tensor(unseen_ids, device=label.device)
-    best = ids[logits[:, ids].argmax(1)]                                # (B, H, W)
-    return torch.where(unseen, best, label)
+    best_unseen = ids[logits[:, ids].argmax(1)]                         # (B, H, W)
+    return torch.where(unseen, best_unseen, label)
 
 
 def prepare_toy(args, rank, world):
