@@ -1,4 +1,4 @@
-"""The paper's ablation (Tab. 1) on the offline toy world, mean +- std over seeds:
+"""The paper's ablation (Tab. 1) on the offline toy world, mean +- std over seeds.
 
     python ablation.py --seeds 0 1 2 --out runs/ablation/results.json
 
@@ -22,7 +22,7 @@ import torch
 
 import train
 from evaluate import evaluate_checkpoint
-from runtime import write_json
+from runtime import HelpFormatter, write_json
 
 VARIANTS = {  # name -> (train.py flags, Eq. 12 trusty weighting at evaluation)
     '(a) ZegCLIP twin (--no-trusty)': (['--no-trusty', '--weight-focal', '20'], 'off'),
@@ -50,11 +50,13 @@ def mean_std(values):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds')
     p.add_argument('--runs', default='runs/ablation', help='one train.py output folder per variant and seed')
-    p.add_argument('--out', default='runs/ablation/results.json')
-    p.add_argument('--train-args', default='', help="extra train.py flags for every run, e.g. '--iters 800'")
+    p.add_argument('--out', default='runs/ablation/results.json',
+                   help="the table's numbers and every run's, as JSON")
+    p.add_argument('--train-args', default='',
+                   help="extra train.py flags for every run, e.g. '--iters 800' (default: none)")
     p.add_argument('--variants', default=LETTERS, help="rows: a, b, c, d; F: d with alpha 0.25; D: d with the dice trusty loss")
     args = p.parse_args()
     extra = args.train_args.split()

@@ -5,7 +5,8 @@ layouts of PASCAL VOC 2012 (+SBD aug), COCO-Stuff 164K, PASCAL Context (59 / 60 
 world, and the train / eval transforms (torchvision.transforms.v2 on tv_tensors, so image and label
 move together; mmseg semantics). Labels come out as class indices 0..C-1, or 255 = ignore.
 """
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -20,12 +21,13 @@ IGNORE_INDEX = 255
 _INVALID = -1  # LUT entry for raw label values that belong to no class: reading them is an error
 
 # -----------------------------------------------------------------------------
-# class names (ZegCLIP's text-embedding notebook and dataset configs)
+# class names and zero-shot unseen splits (ZegCLIP's text-embedding notebook and dataset configs)
 
 VOC_CLASSES = (
     'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
     'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
     'tvmonitor')
+VOC_UNSEEN = ('pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 COCO_STUFF_CLASSES = (  # 80 COCO things, then 91 stuff classes; index = mmseg labelTrainIds value
     'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
     'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
@@ -49,6 +51,9 @@ COCO_STUFF_CLASSES = (  # 80 COCO things, then 91 stuff classes; index = mmseg l
     'structural-other', 'table', 'tent', 'textile-other', 'towel', 'tree', 'vegetable',
     'wall-brick', 'wall-concrete', 'wall-other', 'wall-panel', 'wall-stone', 'wall-tile',
     'wall-wood', 'water-other', 'waterdrops', 'window-blind', 'window-other', 'wood')
+COCO_STUFF_UNSEEN = (
+    'cow', 'giraffe', 'suitcase', 'frisbee', 'skateboard', 'carrot', 'scissors', 'cardboard',
+    'clouds', 'grass', 'playingfield', 'river', 'road', 'tree', 'wall-concrete')
 CONTEXT59_CLASSES = (
     'aeroplane', 'bag', 'bed', 'bedclothes', 'bench', 'bicycle', 'bird', 'boat', 'book', 'bottle',
     'building', 'bus', 'cabinet', 'car', 'cat', 'ceiling', 'chair', 'cloth', 'computer', 'cow',
@@ -67,44 +72,6 @@ TOY_CLASSES = ('background',) + tuple(f'{c} {p}' for c in TOY_COLOURS for p in T
 TOY_UNSEEN = ('red striped', 'red dotted', 'green checkered', 'blue barred', 'yellow solid',
               'purple dotted')
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    classes: tuple[str, ...]  # names in label-index order
-    unseen: tuple[str, ...]   # zero-shot unseen class names (empty: cross-dataset target only)
-    crop: int                 # train crop size
-    eval_short: int           # eval: resize the short side to this
-    templates: str            # 'single' or 'ensemble' prompt templates (DESIGN §1)
-    n_prompts: int            # deep visual prompts per layer (DESIGN §2)
-    iters: int                # default train iterations
-
-
-DATASETS = {
-    'voc': DatasetInfo(VOC_CLASSES, ('pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor'),
-                       512, 512, 'single', 10, 20000),
-    'coco_stuff': DatasetInfo(COCO_STUFF_CLASSES, (
-        'cow', 'giraffe', 'suitcase', 'frisbee', 'skateboard', 'carrot', 'scissors', 'cardboard',
-        'clouds', 'grass', 'playingfield', 'river', 'road', 'tree', 'wall-concrete'),
-        512, 512, 'ensemble', 100, 80000),
-    # Context is only a cross-dataset target in the paper; 40k is mmseg's Context schedule.
-    'context59': DatasetInfo(CONTEXT59_CLASSES, (), 512, 512, 'ensemble', 10, 40000),
-    'context60': DatasetInfo(('background',) + CONTEXT59_CLASSES, (), 512, 512, 'ensemble', 10, 40000),
-    'toy': DatasetInfo(TOY_CLASSES, TOY_UNSEEN, 64, 64, 'single', 10, 3000),
-}
-
-
-def _check_class_lists():
-    """Import-time sanity: sizes, no duplicates, unseen names in the class list, toy split rules."""
-    sizes = {'voc': 20, 'coco_stuff': 171, 'context59': 59, 'context60': 60, 'toy': 26}
-    for name, info in DATASETS.items():
-        assert len(info.classes) == len(set(info.classes)) == sizes[name], name
-        assert set(info.unseen) <= set(info.classes), (name, set(info.unseen) - set(info.classes))
-    seen = [c.split() for c in TOY_CLASSES if c not in TOY_UNSEEN]
-    assert all(sum(w in c for c in seen) >= 3 for w in TOY_COLOURS + TOY_PATTERNS)
-    assert sorted(sum(u.startswith(c + ' ') for u in TOY_UNSEEN) for c in TOY_COLOURS) == [1, 1, 1, 1, 2]
-
-
-_check_class_lists()
 
 # -----------------------------------------------------------------------------
 # label look-up tables: raw PNG value (0..255) -> class index, 255, or _INVALID
@@ -147,14 +114,6 @@ class DatasetError(ValueError):
         super().__init__(message)
 
 
-LAYOUTS = {
-    'voc': 'VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationClassAug,ImageSets/Segmentation}',
-    'context': 'VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext}',
-    'coco_stuff': 'coco_stuff164k/{images,annotations}/{train2017,val2017}',
-    'toy': '<toy root>/{images,annotations}/{train,val}/*.png',
-}
-
-
 def _need(path, layout):
     """Return path if it exists, else raise DatasetError naming it and the expected layout."""
     if not path.exists():
@@ -182,9 +141,8 @@ def _read_ids(path, layout):
     return ids
 
 
-def _read_voc(root, split):
+def _read_voc(root, split, layout):
     """VOC 2012. val: val.txt; train: trainaug.txt, else mmseg's train.txt + aug.txt, else train.txt."""
-    layout = LAYOUTS['voc']
     root = _find_root(root, 'JPEGImages', ['VOC2012', 'VOCdevkit/VOC2012'], layout)
     sets = root / 'ImageSets' / 'Segmentation'
     if split == 'val':
@@ -204,9 +162,8 @@ def _read_voc(root, split):
     return root, list(samples.values()), _lut(range(1, 21), zero_to_ignore=True)
 
 
-def _read_context(root, split, background):
+def _read_context(root, split, layout, background):
     """PASCAL Context (mmseg-converted labels): 59 classes with 0 -> 255, or 60 with 0 = background."""
-    layout = LAYOUTS['context']
     root = _find_root(root, 'JPEGImages', ['VOC2010', 'VOCdevkit/VOC2010'], layout)
     ann = _need(root / 'SegmentationClassContext', layout)
     ids = _read_ids(root / 'ImageSets' / 'SegmentationContext' / f'{split}.txt', layout)
@@ -222,9 +179,8 @@ def _list_images(img_dir, pattern):
     return images
 
 
-def _read_coco(root, split):
+def _read_coco(root, split, layout):
     """COCO-Stuff 164K: *_labelTrainIds.png (0..170, 255) as is; else raw stuffthingmaps *.png remapped."""
-    layout = LAYOUTS['coco_stuff']
     root = _find_root(root, 'images', ['coco_stuff164k'], layout)
     img_dir = _need(root / 'images' / f'{split}2017', layout)
     ann_dir = _need(root / 'annotations' / f'{split}2017', layout)
@@ -237,10 +193,9 @@ def _read_coco(root, split):
     return root, [(p, ann_dir / f'{p.stem}{suffix}') for p in images], lut
 
 
-def _read_toy(root, split):
+def _read_toy(root, split, layout):
     """Toy world (toy.py): images/{split}/*.png with same-named label PNGs, raw values 0..24 (objects,
     -> classes 1..25) and 255 (background -> class 0)."""
-    layout = LAYOUTS['toy']
     root = _find_root(root, 'images', [], layout)
     img_dir = _need(root / 'images' / split, layout)
     ann_dir = _need(root / 'annotations' / split, layout)
@@ -248,12 +203,73 @@ def _read_toy(root, split):
     return root, [(p, ann_dir / p.name) for p in images], _lut([IGNORE_INDEX, *range(len(TOY_CLASSES) - 1)])
 
 
-_READERS = {'voc': _read_voc, 'coco_stuff': _read_coco, 'toy': _read_toy,
-            'context59': partial(_read_context, background=False),
-            'context60': partial(_read_context, background=True)}
+# -----------------------------------------------------------------------------
+# the datasets: one entry each, from which train.py, evaluate.py and the checks below all derive
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo:
+    """One dataset, declared once: its classes and split, where its files are and how to read them,
+    its model settings, and the train.py defaults its recipe changes. Adding a dataset = one entry
+    below (plus its reader if the layout is new)."""
+    name: str
+    classes: tuple[str, ...]  # names in label-index order
+    unseen: tuple[str, ...]   # zero-shot unseen class names (empty: cross-dataset target only)
+    layout: str               # the expected folder layout, shown in errors
+    reader: Callable          # (root, split, layout) -> (root found, [(image, label) paths], label LUT)
+    n_classes: int            # what the import-time check expects len(classes) to be
+    crop: int                 # train crop size
+    eval_short: int           # eval: resize the short side to this
+    templates: str            # 'single' or 'ensemble' prompt templates (DESIGN §1)
+    n_prompts: int            # deep visual prompts per layer (DESIGN §2)
+    iters: int                # default train iterations
+    recipe: dict = field(default_factory=dict)  # train.py defaults that differ from its RECIPE
+
+
+DATASETS = {d.name: d for d in (
+    DatasetInfo(name='voc', classes=VOC_CLASSES, unseen=VOC_UNSEEN, n_classes=20,
+                layout='VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationClassAug,ImageSets/Segmentation}',
+                reader=_read_voc, crop=512, eval_short=512, templates='single', n_prompts=10, iters=20000),
+    DatasetInfo(name='coco_stuff', classes=COCO_STUFF_CLASSES, unseen=COCO_STUFF_UNSEEN, n_classes=171,
+                layout='coco_stuff164k/{images,annotations}/{train2017,val2017}',
+                reader=_read_coco, crop=512, eval_short=512, templates='ensemble', n_prompts=100, iters=80000),
+    # Context is only a cross-dataset target in the paper; 40k is mmseg's Context schedule.
+    DatasetInfo(name='context59', classes=CONTEXT59_CLASSES, unseen=(), n_classes=59,
+                layout='VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext}',
+                reader=partial(_read_context, background=False),
+                crop=512, eval_short=512, templates='ensemble', n_prompts=10, iters=40000),
+    DatasetInfo(name='context60', classes=('background',) + CONTEXT59_CLASSES, unseen=(), n_classes=60,
+                layout='VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext}',
+                reader=partial(_read_context, background=True),
+                crop=512, eval_short=512, templates='ensemble', n_prompts=10, iters=40000),
+    # a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
+    DatasetInfo(name='toy', classes=TOY_CLASSES, unseen=TOY_UNSEEN, n_classes=26,
+                layout='<toy root>/{images,annotations}/{train,val}/*.png',
+                reader=_read_toy, crop=64, eval_short=64, templates='single', n_prompts=10, iters=3000,
+                recipe=dict(batch_size=8, lr=1e-3, warmup=100, eval_every=1000, workers=1,
+                            ratio_range=(1.0, 1.0),  # no rescale: the pattern period is part of the class
+                            photometric='off',       # hue jitter would cross its colour classes
+                            # the trusty map's focal loss weights the unseen pixels 0.75 (authors: 0.25),
+                            # a choice the toy world motivated (README)
+                            trusty_alpha=0.75,
+                            clip_model='toy_clip', data_root='data/toy')),
+)}
+
+
+def _check_class_lists():
+    """Import-time sanity: sizes, no duplicates, unseen names in the class list, toy split rules."""
+    for name, info in DATASETS.items():
+        assert len(info.classes) == len(set(info.classes)) == info.n_classes, name
+        assert set(info.unseen) <= set(info.classes), (name, set(info.unseen) - set(info.classes))
+    seen = [c.split() for c in TOY_CLASSES if c not in TOY_UNSEEN]
+    assert all(sum(w in c for c in seen) >= 3 for w in TOY_COLOURS + TOY_PATTERNS)
+    assert sorted(sum(u.startswith(c + ' ') for u in TOY_UNSEEN) for c in TOY_COLOURS) == [1, 1, 1, 1, 2]
+
+
+_check_class_lists()
 
 # -----------------------------------------------------------------------------
-# dataset
+# the torch Dataset
 
 
 def _decode(path, what, rgb):
@@ -301,8 +317,7 @@ class SegDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, name, root, samples, lut, transform=None):
-        self.name, self.info = name, DATASETS[name]
-        self.classes = self.info.classes
+        self.name, self.classes = name, DATASETS[name].classes
         self.root, self.samples, self.lut, self.transform = Path(root), list(samples), lut, transform
 
     def __len__(self):
@@ -328,13 +343,10 @@ def build_dataset(name, root, split, transform=None):
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if split not in ('train', 'val'):
         raise DatasetError(f"unknown split {split!r}; expected 'train' or 'val'")
-    root, samples, lut = _READERS[name](Path(root).expanduser(), split)
+    info = DATASETS[name]
+    root, samples, lut = info.reader(Path(root).expanduser(), split, info.layout)
     return SegDataset(name, root, samples, lut, transform)
 
-
-def collate_eval(batch):
-    """Eval collate: images differ in size, so the batch stays a list of item dicts."""
-    return batch
 
 # -----------------------------------------------------------------------------
 # transforms: callables on (image, label) composed with v2.Compose (DESIGN §8, mmseg semantics)

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DATASETS, TOY_COLOURS, TOY_PATTERNS
-from runtime import atomic_write
+from runtime import HelpFormatter, atomic_write
 
 CLIP_NAME = 'toy_clip'
 CLIP_CONFIG = Path(__file__).with_name('toy_clip.json')
@@ -267,8 +267,7 @@ def preview(path, n=8, seed=0, scale=3):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     p.add_argument('--root', default='data/toy', help='where the world and the CLIP checkpoint go')
     p.add_argument('--clip-steps', type=int, default=CLIP_STEPS, help='tiny CLIP pretraining steps')
     p.add_argument('--n-train', type=int, default=5000, help='training images')

@@ -1,4 +1,4 @@
-"""Train TagCLIP (paper §3-4, DESIGN §6 and §8). Same code on one CPU and on N GPUs:
+"""Train TagCLIP (paper §3-4, DESIGN §6 and §8), with the same code on one CPU and on N GPUs.
 
     python train.py                                   # offline toy world: train, evaluate, print hIoU
     torchrun --nproc_per_node 8 train.py --dataset voc --data-root data/VOCdevkit/VOC2012
@@ -15,7 +15,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, replace
+from collections import Counter
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -24,96 +25,123 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import toy
 from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
 from inference import CALIBRATION, amp_dtype, default_stride, eval_loader, evaluate, format_table
 from losses import TagCLIPLoss
 from model import TagCLIPConfig
-from runtime import agreed_exit, cpu_threads, first_error, is_main, lockstep, setup_distributed, strict, write_json
+from runtime import (HelpFormatter, agreed_exit, cpu_threads, first_error, is_main, lockstep, setup_distributed,
+                     strict, write_json)
 
-# the toy world trains a small model on 64 px images: shorter warm-up and schedule (DESIGN §12)
-# Its trusty map's focal loss weights the unseen pixels 0.75 (authors: 0.25), a choice the toy world motivated (README).
-TOY_DEFAULTS = dict(batch_size=8, lr=1e-3, warmup=100, eval_every=1000, workers=1, ratio_range=(1.0, 1.0),
-                    photometric='off', trusty_alpha=0.75)
+# The authors' recipe (TagCLIP's configs) for every dataset. Each dataset's defaults: this, then its
+# entry's model settings (iters, crop, n_prompts, templates), then its entry's `recipe` (data.py),
+# then what the command line says. Strings are formatted with the dataset and the setting.
+RECIPE = dict(batch_size=16, lr=2e-4, warmup=1500, eval_every=2000, workers=4, trusty_loss='focal',
+              ratio_range=(0.5, 2.0), photometric='on', trusty_alpha=0.25, clip_model='ViT-B-16',
+              data_root=None, out_dir='runs/{dataset}-{setting}')
+
+
+def recipe(dataset):
+    """train.py's defaults for `dataset` (before the command line)."""
+    info = DATASETS[dataset]
+    return {**RECIPE, 'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts,
+            'templates': info.templates, **info.recipe}
+
+
+def shown_default(key, none='none'):
+    """A recipe default as --help shows it, once for every dataset: '(default: 16; toy: 8)': RECIPE's
+    value (or else the most common one), then each dataset whose value differs; a None first value
+    reads `none` instead of 'default: None'."""
+    values = {name: recipe(name)[key] for name in DATASETS}
+    common = RECIPE[key] if key in RECIPE else Counter(values.values()).most_common(1)[0][0]
+    differ = {}
+    for name, value in values.items():
+        if value != common:
+            differ.setdefault(value, []).append(name)
+
+    def text(v):  # as it is typed on the command line
+        return ' '.join(map(text, v)) if isinstance(v, tuple) else f'{v:g}' if isinstance(v, float) else str(v)
+    first = none if common is None else f'default: {text(common)}'
+    return '(' + '; '.join([first] + [f"{', '.join(names)}: {text(v)}" for v, names in differ.items()]) + ')'
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     a = p.add_argument_group('data').add_argument
-    a('--dataset', default='toy', choices=sorted(DATASETS))
-    a('--data-root', default=None, help="dataset folder in the mmseg layout (toy: generated under data/toy)")
-    a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'])
-    a('--out-dir', default=None, help='default: runs/<dataset>-<setting>')
-    a('--workers', type=int, default=None, help='data loader processes per rank (default 4; toy 1)')
-    a('--crop', type=int, default=None, help="train crop (default: the dataset's, 512)")
-    a('--ratio-range', type=float, nargs=2, default=None,
-      help="random rescale ratio (default 0.5 2.0; toy: 1 1, its pattern period is part of the class)")
+    a('--dataset', default='toy', choices=sorted(DATASETS),
+      help="data.py's DATASETS entry: classes, zero-shot split, folder layout, recipe")
+    a('--data-root', help='dataset folder in the mmseg layout; the toy world is generated there '
+                          + shown_default('data_root', none='required'))
+    a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'],
+      help='inductive: zero-shot, unseen pixels ignored; transductive: from half-way also self-trains on pseudo '
+           'labels of the unseen pixels; fully: supervised on every class')
+    a('--out-dir', help=f"checkpoints, log.jsonl and metrics.json {shown_default('out_dir')}")
+    a('--workers', type=int, help=f"data loader processes per rank {shown_default('workers')}")
+    a('--crop', type=int, help=f"train crop {shown_default('crop')}")
+    a('--ratio-range', type=float, nargs=2, metavar=('LO', 'HI'),
+      help=f"random rescale ratio {shown_default('ratio_range')}")
     a('--cat-max-ratio', type=float, default=0.75, help='crop retries while one class covers more')
-    a('--photometric', default=None, choices=['on', 'off'],
-      help="photometric distortion (default on; toy: off, hue jitter crosses its colour classes)")
+    a('--photometric', choices=['on', 'off'], help=f"photometric distortion {shown_default('photometric')}")
     a = p.add_argument_group('model').add_argument
-    a('--clip-model', default=None, help="open_clip ViT (default ViT-B-16; toy: toy_clip)")
-    a('--pretrained', default=None,
-      help="open_clip tag, checkpoint file or 'none' (random) (default openai; toy: pretrained here)")
-    a('--n-prompts', type=int, default=None, help="deep prompts per layer (default: 10, COCO-Stuff 100)")
-    a('--decoder-layers', type=int, default=3)
-    a('--heads', type=int, default=8)
+    a('--clip-model', help=f"open_clip ViT {shown_default('clip_model')}")
+    a('--pretrained', help="open_clip tag, checkpoint file or 'none' (random) "
+                           "(default: openai; toy: the tiny CLIP pretrained on the toy world, cached in --data-root)")
+    a('--n-prompts', type=int, help=f"deep prompts per layer {shown_default('n_prompts')}")
+    a('--decoder-layers', type=int, default=3, help='ATM decoder layers')
+    a('--heads', type=int, default=8, help='attention heads of the decoder and the Trusty Learner')
     a('--dropout', type=float, default=0.1, help='decoder dropout')
-    a('--prompt-dropout', type=float, default=0.1)
+    a('--prompt-dropout', type=float, default=0.1, help='dropout on the deep visual prompts')
     a('--trusty', default='auto', choices=['auto', 'on', 'off'],
       help='trusty token (auto: on, except VOC transductive and fully supervised VOC/toy)')
     a('--no-trusty', dest='trusty', action='store_const', const='off', help='= --trusty off: exactly ZegCLIP')
     a('--no-trusty-learner', action='store_true', help='keep the token, drop the self-attention (Tab. 1b)')
-    a('--templates', default=None, choices=['single', 'ensemble'], help="default: the dataset's")
+    a('--templates', choices=['single', 'ensemble'], help=f"prompt templates {shown_default('templates')}")
     a = p.add_argument_group('loss').add_argument
-    a('--trusty-loss', default=None, choices=['focal', 'dice', 'balanced'],
-      help="focal: authors' code (default); dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE")
+    a('--trusty-loss', choices=['focal', 'dice', 'balanced'],
+      help="focal: authors' code; dice: paper Eq. 10; balanced: dice on seen and on unseen + BCE "
+           + shown_default('trusty_loss'))
     a('--ignore-mode', default='negative', choices=['negative', 'exclude'], help='label-255 pixels')
     a('--aux-loss', action='store_true', help='deep supervision of the earlier decoder layers')
-    a('--weight-focal', type=float, default=None,
-      help="default 20 (TagCLIP's configs); 100 with --no-trusty / --trusty off (ZegCLIP's recipe)")
-    a('--weight-dice', type=float, default=1.0)
-    a('--weight-trusty', type=float, default=10.0)
-    a('--trusty-alpha', type=float, default=None, help="focal alpha of the trusty map's unseen pixels (default 0.25, the authors'; toy 0.75)")
+    a('--weight-focal', type=float, help="weight of the focal loss of the class masks (default: 20, TagCLIP's "
+                                         "configs; 100 with --no-trusty / --trusty off, ZegCLIP's)")
+    a('--weight-dice', type=float, default=1.0, help='weight of the dice loss of the class masks')
+    a('--weight-trusty', type=float, default=10.0, help='weight of the trusty-map loss')
+    a('--trusty-alpha', type=float,
+      help=f"focal alpha of the trusty map's unseen pixels {shown_default('trusty_alpha')}")
     a = p.add_argument_group('optimisation').add_argument
-    a('--iters', type=int, default=None, help="default: VOC 20k, COCO-Stuff 80k, toy 3k")
-    a('--batch-size', type=int, default=None, help='global batch, split over ranks (default 16; toy 8)')
-    a('--lr', type=float, default=None, help='AdamW lr for every trainable parameter (default 2e-4; toy 1e-3)')
-    a('--weight-decay', type=float, default=0.01)
+    a('--iters', type=int, help=f"train iterations {shown_default('iters')}")
+    a('--batch-size', type=int, help=f"global batch, split over ranks {shown_default('batch_size')}")
+    a('--lr', type=float, help=f"AdamW lr for every trainable parameter {shown_default('lr')}")
+    a('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     a('--exempt-norms', action='store_true', help='no weight decay on norms, biases, prompts, t_A')
-    a('--warmup', type=int, default=None, help='linear warm-up iterations (default 1500; toy 100)')
-    a('--warmup-ratio', type=float, default=1e-6)
-    a('--poly-power', type=float, default=0.9)
-    a('--min-lr', type=float, default=1e-6)
+    a('--warmup', type=int, help=f"linear warm-up iterations {shown_default('warmup')}")
+    a('--warmup-ratio', type=float, default=1e-6, help='the warm-up starts at this fraction of the lr')
+    a('--poly-power', type=float, default=0.9, help='power of the poly decay after the warm-up')
+    a('--min-lr', type=float, default=1e-6, help='the lr the poly decay ends at')
     a('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA, off on CPU')
-    a('--seed', type=int, default=0)
+    a('--seed', type=int, default=0, help='training seed (rank r: seed + r; the augmentation: seed, epoch, index)')
     a('--threads', type=int, default=0, help='CPU: torch threads per process (0: the cores the data workers leave free)')
     a = p.add_argument_group('run').add_argument
-    a('--eval-every', type=int, default=None, help='evaluate and checkpoint every N steps (default 2000; toy 1000)')
-    a('--log-every', type=int, default=20)
-    a('--resume', default=None, help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
-    a('--init-from', default=None, help='start from these weights with a fresh schedule (two-stage transductive)')
-    a('--calibration', type=float, default=None, help='seen-score calibration at evaluation (default: 0.1 inductive)')
+    a('--eval-every', type=int, help=f"evaluate and checkpoint every N steps {shown_default('eval_every')}")
+    a('--log-every', type=int, default=20, help='log the losses every N steps')
+    a('--resume', help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
+    a('--init-from', help='start from these weights with a fresh schedule (two-stage transductive)')
+    a('--calibration', type=float, help='seen-score calibration at evaluation (default: 0.1 inductive, else 0)')
     a('--no-eval', action='store_true', help='skip evaluation (checkpoints only)')
-    a('--toy-clip-steps', type=int, default=None, help='toy world: tiny CLIP pretraining steps')
-    a('--toy-images', type=int, nargs=2, default=(5000, 500), help='toy world: train and val images')
+    a('--toy-clip-steps', type=int, help=f'toy world: tiny CLIP pretraining steps (default: {toy.CLIP_STEPS})')
+    a('--toy-images', type=int, nargs=2, default=(5000, 500), metavar=('TRAIN', 'VAL'),
+      help='toy world: train and val images')
     a('--toy-seed', type=int, default=0, help='toy world: seed of the generated images and of the tiny CLIP')
-    args = p.parse_args(argv)
-    return fill_defaults(args)
+    return apply_defaults(p.parse_args(argv))
 
 
-def fill_defaults(args):
-    info = DATASETS[args.dataset]
-    toy = args.dataset == 'toy'
-    dflt = {'batch_size': 16, 'lr': 2e-4, 'warmup': 1500, 'eval_every': 2000, 'workers': 4, 'trusty_loss': 'focal',
-            'ratio_range': (0.5, 2.0), 'photometric': 'on', 'trusty_alpha': 0.25,
-            **(TOY_DEFAULTS if toy else {}),
-            'iters': info.iters, 'crop': info.crop, 'n_prompts': info.n_prompts, 'templates': info.templates,
-            'clip_model': 'toy_clip' if toy else 'ViT-B-16', 'out_dir': f'runs/{args.dataset}-{args.setting}',
-            'data_root': 'data/toy' if toy else None}
-    for k, v in dflt.items():
+def apply_defaults(args):
+    """The dataset's recipe for every flag left unset, then the two rules of --weight-focal and
+    --trusty auto; a real dataset needs --data-root."""
+    for k, v in recipe(args.dataset).items():
         if getattr(args, k) is None:
-            setattr(args, k, v)
+            setattr(args, k, v.format(dataset=args.dataset, setting=args.setting) if isinstance(v, str) else v)
     if args.weight_focal is None:  # before 'auto' resolves: only an explicit --no-trusty trains as ZegCLIP did
         args.weight_focal = 100.0 if args.trusty == 'off' else 20.0
     if args.trusty == 'auto':
@@ -123,6 +151,15 @@ def fill_defaults(args):
     if args.data_root is None:
         raise SystemExit(f'--data-root is required for --dataset {args.dataset}')
     return args
+
+
+def model_config(args):
+    """TagCLIPConfig from the flags of the same names; --trusty on/off, --no-trusty-learner and
+    --pretrained 'none' translated."""
+    kw = {f.name: getattr(args, f.name) for f in fields(TagCLIPConfig) if hasattr(args, f.name)}
+    kw.update(pretrained=None if args.pretrained == 'none' else args.pretrained, trusty=args.trusty == 'on',
+              trusty_learner=not args.no_trusty_learner)
+    return TagCLIPConfig(**kw)
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,14 +227,13 @@ def pseudo_label(pred_masks, label, unseen, unseen_ids):
     pred_masks (B, C[+1], h, w), label (B, H, W) in the full vocabulary with unseen pixels = 255."""
     logits = F.interpolate(pred_masks.float(), size=label.shape[-2:], mode='bilinear', align_corners=False)
     ids = torch.as_tensor(unseen_ids, device=label.device)
-    best = ids[logits[:, ids].argmax(1)]                                # (B, H, W)
-    return torch.where(unseen, best, label)
+    best_unseen = ids[logits[:, ids].argmax(1)]                         # (B, H, W)
+    return torch.where(unseen, best_unseen, label)
 
 
 def prepare_toy(args, rank, world):
     """Rank 0 generates the toy world and pretrains its tiny CLIP (both cached on disk); the other
     ranks wait. Unless --pretrained is given, the model starts from that CLIP."""
-    import toy
     steps = args.toy_clip_steps or toy.CLIP_STEPS
     if rank == 0:
         if args.pretrained is None:
@@ -259,6 +295,62 @@ def main(argv=None):
 
 
 def train(args):
+    """The run top-down: this process, the checkpoint it starts from, the data, the model and its
+    optimiser; then train_step until --iters, with evaluate_and_save every --eval-every steps."""
+    rank, world, device = setup_process(args)
+    out_dir = Path(args.out_dir)
+    classes, unseen = class_split(args)
+    seen = [c for c in classes if c not in unseen]
+    resume, ckpt, cfg = open_checkpoint(args, model_config(args), out_dir, world)
+    train_set, val_set = open_datasets(args)
+    clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
+    model, criterion, optimizer, scheduler, scaler, amp = build_model_and_optimizer(args, cfg, clip_state, device)
+    step, best = 0, -math.inf
+    if ckpt is not None:
+        step, best = restore(args, ckpt, resume, rank, model, optimizer, scheduler, scaler)
+    # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
+    # (only its mask logits do, as in the authors' code); the same parameters are unused every step
+    ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
+    loader, val_loader = make_loaders(args, train_set, val_set, model, rank, world, device, step)
+    text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
+    luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
+    unseen_ids = [classes.index(c) for c in unseen]
+    run_eval, state = make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, scheduler, scaler,
+                                          amp, classes, seen, unseen, val_loader, world)
+
+    model.train()
+    log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
+    bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
+    metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
+    for images, labels in lockstep(loader, device):
+        if step >= args.iters:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        vocab = vocabulary_at(step, args)
+        losses = train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text[vocab],
+                            luts[vocab], unseen_ids if vocab == 'all' else [], step)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.iters:
+            log_losses(losses, step, scheduler.get_last_lr()[0], (step - start_step) / (train_time + time.time() - t0),
+                       bar, log)
+        if step % args.eval_every == 0 or step == args.iters:
+            train_time += time.time() - t0
+            metrics, best = evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_dir, log)
+            t0 = time.time()
+    bar.close()
+    if is_main() and metrics is not None:
+        print(format_table(metrics))
+        write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
+        print(f'checkpoints and metrics.json in {out_dir}')
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def setup_process(args):
+    """torchrun's process group, CPU threads, the toy world (rank 0 makes it), seeds, --out-dir.
+    Returns (rank, world size, device)."""
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
@@ -269,19 +361,16 @@ def train(args):
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cpu_threads(args.workers))
     args.pretrained = args.pretrained or 'openai'
-    pretrained = None if args.pretrained == 'none' else args.pretrained
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    out_dir = Path(args.out_dir)
     if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    return rank, world, device
 
-    classes, unseen = class_split(args)
-    seen = [c for c in classes if c not in unseen]
-    cfg = TagCLIPConfig(clip_model=args.clip_model, pretrained=pretrained, n_prompts=args.n_prompts,
-                        decoder_layers=args.decoder_layers, heads=args.heads, trusty=args.trusty == 'on',
-                        trusty_learner=not args.no_trusty_learner, prompt_dropout=args.prompt_dropout,
-                        dropout=args.dropout, templates=args.templates)
+
+def open_checkpoint(args, cfg, out_dir, world):
+    """The checkpoint to start from: --resume (a path, or 'auto': out_dir/last.pt if there is one) or
+    --init-from. Returns (resume path or None, checkpoint or None, cfg with the checkpoint's quirks)."""
     resume = str(out_dir / 'last.pt') if args.resume == 'auto' else args.resume
     if resume and args.resume == 'auto' and not os.path.isfile(resume):
         resume = None  # nothing to resume yet: a fresh run
@@ -294,37 +383,53 @@ def train(args):
     ckpt = None
     if resume or args.init_from:
         ckpt, cfg = load_checkpoint(resume or args.init_from, cfg, bool(resume))
-    try:  # a bad root or split file fails here, before any long work
+    return resume, ckpt, cfg
+
+
+def open_datasets(args):
+    """(train set, val set or None with --no-eval); a bad root or split file fails here, on every rank,
+    before any long work."""
+    try:
         train_set = build_dataset(args.dataset, args.data_root, 'train')
         val_set, error = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val'), None
     except DatasetError as e:
         error = str(e)
     if (error := first_error(error)) is not None:
         raise DatasetError(error)
+    return train_set, val_set
 
-    clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
+
+def build_model_and_optimizer(args, cfg, clip_state, device):
+    """(model, criterion, optimizer, scheduler, scaler, amp dtype or None)."""
     model = build_model(cfg, clip_state).to(device)
     criterion = TagCLIPLoss(cfg.trusty, args.trusty_loss, args.ignore_mode, args.aux_loss,
-                            args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
+                             args.weight_focal, args.weight_dice, args.weight_trusty, args.trusty_alpha)
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.weight_decay, args.exempt_norms))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     amp = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step, best = 0, -math.inf
-    if ckpt is not None:
-        missing, unexpected = model.load_trainable_state_dict(ckpt['model'], strict=bool(resume))
-        if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
-            print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
-        if resume:
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            scaler.load_state_dict(ckpt['scaler'])
-            step, best = ckpt['step'], ckpt['best']
-            set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-    # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
-    # (only its mask logits do, as in the authors' code); the same parameters are unused every step
-    ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
+    return model, criterion, optimizer, scheduler, scaler, amp
 
+
+def restore(args, ckpt, resume, rank, model, optimizer, scheduler, scaler):
+    """Loads the checkpoint's weights; on --resume also the optimiser, schedule, scaler and this rank's
+    RNG states. Returns (step, best score)."""
+    step, best = 0, -math.inf
+    missing, unexpected = model.load_trainable_state_dict(ckpt['model'], strict=bool(resume))
+    if (missing or unexpected) and is_main():  # e.g. TagCLIP from ZegCLIP: the trusty token starts fresh
+        print(f'--init-from {args.init_from}: not in it, initialised here: {missing}; not used here: {unexpected}')
+    if resume:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step, best = ckpt['step'], ckpt['best']
+        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    return step, best
+
+
+def make_loaders(args, train_set, val_set, model, rank, world, device, step):
+    """The endless, seeded training loader from `step` on (this rank's share of the global batch), and
+    the evaluation loader (None without a val set) whose workers persist between evaluations."""
     per_rank = args.batch_size // world
     transform = train_transform(model.mean, model.std, args.crop, scale=(4 * args.crop, args.crop),
                                 ratio_range=tuple(args.ratio_range), cat_max_ratio=args.cat_max_ratio,
@@ -335,14 +440,17 @@ def train(args):
         sampler=TrainSampler(train_set, rank, world, args.seed, per_rank, step), drop_last=True,
         pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0,
         generator=torch.Generator())  # keeps the global RNG (dropout) independent of the loader
+    val_loader = None
     if val_set is not None:
         val_set.transform = eval_transform(model.mean, model.std, DATASETS[args.dataset].eval_short)
         val_loader = eval_loader(val_set, args.workers, persistent=True)  # workers kept between evaluations
+    return loader, val_loader
 
-    text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
-    luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
-    unseen_ids = [classes.index(c) for c in unseen]
 
+def make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, scheduler, scaler, amp,
+                        classes, seen, unseen, val_loader, world):
+    """run_eval(): the metrics of the model now on the val set; state(step, best, metrics): the
+    checkpoint dict of the run now (every rank's RNG states gathered)."""
     def run_eval():
         m = evaluate(model, val_loader, classes, [c in seen for c in classes],
                      mode='slide', crop=args.crop, stride=default_stride(args.crop), polarity=criterion.polarity,
@@ -351,7 +459,7 @@ def train(args):
         model.train()
         return m
 
-    def state(metrics=None):
+    def state(step, best, metrics=None):
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -363,65 +471,59 @@ def train(args):
                                store_clip=cfg.pretrained is None or clip_state is not None,
                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                scaler=scaler.state_dict(), step=step, best=best, rng=rngs, metrics=metrics)
+    return run_eval, state
 
-    model.train()
-    log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
-    bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
-    metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
-    for images, labels in lockstep(loader, device):
-        if step >= args.iters:
-            break
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        vocab = vocabulary_at(step, args)
-        to_vocab, is_unseen = luts[vocab]
-        label, unseen_px = to_vocab[labels], is_unseen[labels]
-        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-            outputs = ddp(images, text[vocab])
-        if vocab == 'all' and unseen:
-            label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
-        losses = criterion(outputs, label, unseen_px if cfg.trusty else None)
-        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-        if bad:
-            raise SystemExit(f'step {step}: non-finite {bad[0]} = {losses[bad[0]].item()}; stopping')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses['loss']).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.iters:
-            logged = reduce_dict({k: v.detach() for k, v in losses.items()})
-            bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in logged.items()} | {'lr': f'{scheduler.get_last_lr()[0]:.2e}'})
-            if log:
-                log.write(json.dumps({'step': step, 'lr': scheduler.get_last_lr()[0], **logged,
-                                      'it/s': (step - start_step) / (train_time + time.time() - t0)}) + '\n')
-                log.flush()
-        if step % args.eval_every == 0 or step == args.iters:
-            train_time += time.time() - t0
-            if val_set is not None:
-                metrics = run_eval()
-                score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
-                if is_main():
-                    tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
-                    log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
-                if not score < best:  # NaN (no unseen class in the set) never blocks the first save
-                    best = score
-                    ckpt = state(metrics)
-                    if is_main():
-                        save_checkpoint(out_dir / 'best.pt', ckpt)
-            ckpt = state(metrics)
+
+def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text, luts, unseen_ids, step):
+    """One optimiser step on a batch in the step's vocabulary (its text embeddings and label LUTs);
+    unseen_ids: where the transductive second half pseudo-labels the unseen pixels (else []).
+    Returns the loss terms; a non-finite one stops the run."""
+    to_vocab, is_unseen = luts
+    label, unseen_px = to_vocab[labels], is_unseen[labels]
+    device = images.device
+    with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+        outputs = ddp(images, text)
+    if unseen_ids:
+        label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
+    losses = criterion(outputs, label, unseen_px if criterion.trusty else None)
+    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+    if bad:
+        raise SystemExit(f'step {step}: non-finite {bad[0]} = {losses[bad[0]].item()}; stopping')
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses['loss']).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return losses
+
+
+def log_losses(losses, step, lr, steps_per_s, bar, log):
+    """The loss terms averaged over ranks, on the progress bar and (rank 0) as a line of log.jsonl."""
+    logged = reduce_dict({k: v.detach() for k, v in losses.items()})
+    bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in logged.items()} | {'lr': f'{lr:.2e}'})
+    if log:
+        log.write(json.dumps({'step': step, 'lr': lr, **logged, 'it/s': steps_per_s}) + '\n')
+        log.flush()
+
+
+def evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_dir, log):
+    """Every --eval-every steps: evaluate (unless --no-eval), best.pt when the score did not drop,
+    then last.pt. Returns (metrics, best score)."""
+    if val_set is not None:
+        metrics = run_eval()
+        score = metrics['summary']['mIoU' if args.setting == 'fully' else 'hIoU']
+        if is_main():
+            tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
+            log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
+        if not score < best:  # NaN (no unseen class in the set) never blocks the first save
+            best = score
+            ckpt = state(step, best, metrics)
             if is_main():
-                save_checkpoint(out_dir / 'last.pt', ckpt)
-            t0 = time.time()
-    bar.close()
-    if is_main() and metrics is not None:
-        print(format_table(metrics))
-        write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
-        print(f'checkpoints and metrics.json in {out_dir}')
-    if world > 1:
-        dist.destroy_process_group()
-    return metrics
+                save_checkpoint(out_dir / 'best.pt', ckpt)
+    ckpt = state(step, best, metrics)
+    if is_main():
+        save_checkpoint(out_dir / 'last.pt', ckpt)
+    return metrics, best
 
 
 def reduce_dict(losses):

@@ -9,9 +9,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DATASETS, TOY_CLASSES, DatasetError, build_dataset, collate_eval,  # noqa: E402
-                  eval_transform, keep_ratio_size, mmseg_test_size, resize_bilinear, resize_short,
-                  train_transform)
+from data import (DATASETS, TOY_CLASSES, DatasetError, build_dataset, eval_transform,  # noqa: E402
+                  keep_ratio_size, mmseg_test_size, resize_bilinear, resize_short, train_transform)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 H, W = 6, 8
@@ -369,7 +368,7 @@ def test_resize_is_plain_bilinear():
 
 def test_dataset_with_transforms(voc):
     ds = build_dataset('voc', voc, 'val', eval_transform(MEAN, STD, short=12))
-    batch = collate_eval([ds[0], ds[1]])
+    batch = [ds[0], ds[1]]  # eval items differ in size: a list, not a stacked batch
     assert [b['image'].shape for b in batch] == [(3, 12, 16)] * 2 and batch[0]['label'].shape == (H, W)
     ds = build_dataset('voc', voc, 'val', train_transform(MEAN, STD, crop=16, scale=(32, 8)))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
