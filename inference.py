@@ -248,7 +248,8 @@ def eval_loader(dataset, workers=0, persistent=False):
     rank, world = rank_world()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers,
-                                       persistent_workers=persistent and workers > 0)
+                                       persistent_workers=persistent and workers > 0,
+                                       generator=torch.Generator())  # its workers' seed: not from the global RNG
 
 
 @torch.no_grad()

@@ -31,8 +31,8 @@ from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_trans
 from inference import CALIBRATION, amp_dtype, default_stride, eval_loader, evaluate, format_table
 from losses import TagCLIPLoss
 from model import TagCLIPConfig
-from runtime import (HelpFormatter, agreed_exit, cpu_threads, first_error, is_main, lockstep, setup_distributed,
-                     strict, write_json)
+from runtime import (HelpFormatter, agreed_exit, atomic_write, cpu_threads, first_error, is_main, lockstep,
+                     setup_distributed, strict, write_json)
 
 # The authors' recipe (TagCLIP's configs) for every dataset. Each dataset's defaults: this, then its
 # entry's model settings (iters, crop, n_prompts, templates), then its entry's `recipe` (data.py),
@@ -305,9 +305,10 @@ def train(args):
     train_set, val_set = open_datasets(args)
     clip_state = ckpt.get('clip') if ckpt is not None else None  # a stored CLIP (random or converted) is reused
     model, criterion, optimizer, scheduler, scaler, amp = build_model_and_optimizer(args, cfg, clip_state, device)
-    step, best = 0, -math.inf
+    step, best, metrics = 0, -math.inf, None
     if ckpt is not None:
         step, best = restore(args, ckpt, resume, rank, model, optimizer, scheduler, scaler)
+        metrics = ckpt.get('metrics') if resume else None  # a run resumed at its end still reports them
     # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
     # (only its mask logits do, as in the authors' code); the same parameters are unused every step
     ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
@@ -319,9 +320,9 @@ def train(args):
                                           amp, classes, seen, unseen, val_loader, world)
 
     model.train()
-    log = open(out_dir / 'log.jsonl', 'a') if is_main() else None
+    log = open_log(out_dir / 'log.jsonl', step) if is_main() else None
     bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
-    metrics, start_step, train_time, t0 = None, step, 0.0, time.time()  # it/s: this run's steps, no evaluation
+    start_step, train_time, t0 = step, 0.0, time.time()  # it/s: this run's steps, no evaluation
     for images, labels in lockstep(loader, device):
         if step >= args.iters:
             break
@@ -339,6 +340,8 @@ def train(args):
             metrics, best = evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_dir, log)
             t0 = time.time()
     bar.close()
+    if metrics is None and val_loader is not None:  # resumed at the end from a checkpoint without metrics
+        metrics = run_eval()
     if is_main() and metrics is not None:
         print(format_table(metrics))
         write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
@@ -515,6 +518,7 @@ def evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_d
         if is_main():
             tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
             log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
+            log.flush()
         if not score < best:  # NaN (no unseen class in the set) never blocks the first save
             best = score
             ckpt = state(step, best, metrics)
@@ -524,6 +528,17 @@ def evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_d
     if is_main():
         save_checkpoint(out_dir / 'last.pt', ckpt)
     return metrics, best
+
+
+def open_log(path, step):
+    """log.jsonl for appending, its lines after `step` dropped first (atomically): a resumed run's
+    log reads as the log of one unbroken run."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)['step'] <= step]
+        if kept != lines:
+            atomic_write(path, lambda tmp: tmp.write_text(''.join(kept)))
+    return open(path, 'a')
 
 
 def reduce_dict(losses):

@@ -84,6 +84,40 @@ def test_resume_is_exact(world, tmp_path, monkeypatch):
     assert [r['step'] for r in log if 'loss' in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_with_workers_and_evaluations_is_exact(world, tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint with a data worker, two evaluations still to come: the
+    resumed run ends bit-identical to the unbroken one; its log has each step once; a restart at
+    the end writes metrics.json again."""
+    run = lambda out, *extra: train.main(argv(world, tmp_path / out, '--iters', '6', '--eval-every', '2',
+                                              '--workers', '1', '--batch-size', '2', *extra))
+    run('unbroken')
+    save = train.save_checkpoint
+
+    def save_then_die(path, ckpt):
+        save(path, ckpt)
+        if ckpt['step'] == 2 and Path(path).name == 'last.pt':
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run('broken')
+    monkeypatch.setattr(train, 'save_checkpoint', save)
+    with open(tmp_path / 'broken' / 'log.jsonl', 'a') as f:  # a line written after the checkpoint, then lost
+        f.write(json.dumps({'step': 3, 'loss': 1.0}) + '\n')
+    run('broken', '--resume', 'auto')
+    a, b = (torch.load(tmp_path / out / 'last.pt', weights_only=True) for out in ('unbroken', 'broken'))
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert all(torch.equal(x['torch'], y['torch']) for x, y in zip(a['rng'], b['rng']))
+    logs = [[json.loads(line) for line in (tmp_path / out / 'log.jsonl').read_text().splitlines()]
+            for out in ('unbroken', 'broken')]
+    steps = [(e['step'], 'eval' in e) for e in logs[1]]
+    assert steps == [(e['step'], 'eval' in e) for e in logs[0]] and len(set(steps)) == len(steps)
+    assert [e.get('loss') for e in logs[1]] == [e.get('loss') for e in logs[0]]
+    (tmp_path / 'broken' / 'metrics.json').unlink()
+    run('broken', '--resume', 'auto')  # at its last step already: nothing to train, the metrics again
+    assert json.loads((tmp_path / 'broken' / 'metrics.json').read_text())['step'] == 6
+
+
 class RecordingAdamW(torch.optim.AdamW):
     """Saves the gradients it sees at its first step to $GRAD_FILE (with the rank in the name)."""
 
