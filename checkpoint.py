@@ -32,8 +32,9 @@ from runtime import atomic_write
 INFERENCE_KEYS = ('config', 'model', 'classes', 'setting', 'polarity')
 
 # the config fields that reproduce the authors' forward (TagCLIPConfig says what each does): convert.py
-# turns them on, models trained here have them off, a --resume or --init-from keeps the checkpoint's
-QUIRKS = ('double_cls_embedding', 'imagenet_mean_std', 'pos_table_grid', 'fp32_inference')
+# turns them all on; train.py sets the last two from --normalize and --amp, and a --resume or
+# --init-from keeps the checkpoint's first two (the weights were trained with them)
+QUIRKS = ('double_cls_embedding', 'pos_table_grid', 'imagenet_mean_std', 'fp32_inference')
 
 # what torch.load(weights_only=True) raises on a file that is not a readable checkpoint (torch 2.x)
 LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, struct.error, OSError)

@@ -252,6 +252,8 @@ DATASETS = {d.name: d for d in (
                             # the trusty map's focal loss weights the unseen pixels 0.75 (authors: 0.25),
                             # a choice the toy world motivated (README)
                             trusty_alpha=0.75,
+                            normalize='clip',        # its tiny CLIP was pretrained with CLIP's mean/std
+                            save_best='on',          # as its documented results (DESIGN §12)
                             clip_model='toy_clip', data_root='data/toy')),
 )}
 
@@ -323,6 +325,14 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def check_files(self):
+        """Every listed image and label file is there (cheap, before a long run), else one DatasetError
+        naming the first missing file and how many are missing."""
+        missing = [p for pair in self.samples for p in pair if not p.is_file()]
+        if missing:
+            raise DatasetError(f'{missing[0]}: listed but not found ({len(missing)} of the {2 * len(self.samples)} '
+                               f'image and label files of the {self.name} list are missing)')
+
     def __getitem__(self, i):
         img_path, lbl_path = self.samples[i]
         image = _decode(img_path, 'image', rgb=True)  # (H, W, 3) uint8
@@ -368,8 +378,7 @@ class RandomRescale:
         lo, hi = self.ratio_range
         r = lo + (hi - lo) * torch.rand(()).item()
         size = list(keep_ratio_size(*image.shape[-2:], (int(self.scale[0] * r), int(self.scale[1] * r))))
-        # antialias (torchvision's default) only differs from mmcv's cv2 bilinear when shrinking
-        image = F.resize(image, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        image = resize_bilinear(image, size)  # as mmcv's cv2 INTER_LINEAR: no antialiasing, also when shrinking
         label = F.resize(label, size, interpolation=v2.InterpolationMode.NEAREST)
         return image, label
 
@@ -411,15 +420,80 @@ def as_tensors(image, label):
     return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
 
 
-def photometric_distortion():
-    """~ mmseg PhotoMetricDistortion, image only (v2 skips Masks): each jitter applied with p = 0.5.
+def _coin():  # mmseg's numpy.random.randint(2)
+    return torch.rand(()).item() < 0.5
 
-    brightness: mmseg adds +-32 grey levels, here a multiplicative factor 1 +- 32/255;
-    hue: mmseg shifts +-18 of OpenCV's 180 hue steps = +-0.1 of the hue circle.
-    """
-    jitters = [v2.ColorJitter(brightness=32 / 255), v2.ColorJitter(contrast=(0.5, 1.5)),
-               v2.ColorJitter(saturation=(0.5, 1.5)), v2.ColorJitter(hue=18 / 180)]
-    return v2.Compose([v2.RandomApply([t], p=0.5) for t in jitters])
+
+def _uniform(lo, hi):
+    return lo + (hi - lo) * torch.rand(()).item()
+
+
+def rgb_to_hsv_cv(img):
+    """OpenCV's COLOR_RGB2HSV for uint8 images, on integral float (3, H, W) in 0..255: H in 0..179
+    (degrees / 2, rounded), S = round(255 (V - min) / V), V = max. (OpenCV rounds with fixed-point
+    tables, which can put H or S one level apart.)"""
+    r, g, b = img
+    v, vmin = img.max(0).values, img.min(0).values
+    diff = v - vmin
+    s = torch.where(v > 0, torch.round(255 * diff / v.clamp(min=1)), torch.zeros_like(v))
+    x = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))  # in units of diff
+    h = torch.where(diff > 0, torch.round(30 * x / diff.clamp(min=1)), torch.zeros_like(v))
+    return torch.stack([h % 180, s, v])
+
+
+def hsv_to_rgb_cv(hsv):
+    """OpenCV's COLOR_HSV2RGB on uint8 values (H in 0..179): the float conversion, rounded to 0..255."""
+    h, s, v = hsv[0] * (6 / 180), hsv[1] / 255, hsv[2] / 255
+    sector = torch.floor(h)
+    f = h - sector
+    tab = torch.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))])  # (4, H, W)
+    # OpenCV's sector table, as (r, g, b) indices into tab
+    rgb_of = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+    idx = rgb_of[sector.long() % 6].permute(2, 0, 1)                                  # (3, H, W)
+    rgb = tab.gather(0, idx)
+    rgb = torch.where(s > 0, rgb, v.expand(3, *v.shape))
+    return torch.round(rgb * 255).clamp(0, 255)
+
+
+class PhotoMetricDistortion:
+    """mmseg 0.24's PhotoMetricDistortion on a uint8 image, label untouched: brightness adds
+    U(-32, 32); contrast multiplies by U(0.5, 1.5) (no mean), second or last by a coin flip;
+    saturation multiplies HSV-S by U(0.5, 1.5); hue adds randint(-18, 18) (-18..17) in OpenCV's
+    0..179 units, mod 180; each with p = 0.5; every op clips to 0..255 and truncates to uint8."""
+
+    def __init__(self, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+    @staticmethod
+    def convert(x, alpha=1.0, beta=0.0):
+        return (x * alpha + beta).clamp(0, 255).floor()  # mmseg: clip, then astype(uint8)
+
+    def apply(self, image, beta=None, alpha=None, saturation=None, hue=None, contrast_first=True):
+        """The chain with given parameters; None skips that op."""
+        x = image.as_subclass(torch.Tensor).float()                          # (3, H, W) in 0..255
+        if beta is not None:
+            x = self.convert(x, beta=beta)
+        if contrast_first and alpha is not None:
+            x = self.convert(x, alpha=alpha)
+        if saturation is not None:
+            hsv = rgb_to_hsv_cv(x)
+            hsv[1] = self.convert(hsv[1], alpha=saturation)
+            x = hsv_to_rgb_cv(hsv)
+        if hue is not None:
+            hsv = rgb_to_hsv_cv(x)
+            hsv[0] = (hsv[0] + hue) % 180
+            x = hsv_to_rgb_cv(hsv)
+        if not contrast_first and alpha is not None:
+            x = self.convert(x, alpha=alpha)
+        return tv_tensors.wrap(x.to(torch.uint8), like=image)
+
+    def __call__(self, image, label):
+        beta = _uniform(-self.brightness, self.brightness) if _coin() else None
+        contrast_first = _coin()
+        alpha = _uniform(*self.contrast) if _coin() else None
+        saturation = _uniform(*self.saturation) if _coin() else None
+        hue = torch.randint(-self.hue, self.hue, ()).item() if _coin() else None  # -18..17, as numpy's randint
+        return self.apply(image, beta, alpha, saturation, hue, contrast_first), label
 
 
 def train_transform(mean, std, crop, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
@@ -430,7 +504,7 @@ def train_transform(mean, std, crop, scale=(2048, 512), ratio_range=(0.5, 2.0), 
     steps = [RandomRescale(scale, ratio_range), CatMaxRandomCrop(crop, cat_max_ratio),
              v2.RandomHorizontalFlip(0.5)]
     if photometric:
-        steps.append(photometric_distortion())
+        steps.append(PhotoMetricDistortion())
     steps += [v2.ToDtype(torch.float32, scale=True),  # images only: the Mask keeps int64
               v2.Normalize(mean, std), partial(pad_to, size=crop), as_tensors]
     return v2.Compose(steps)

@@ -54,16 +54,18 @@ class TagCLIPLoss(nn.Module):
         """What sigmoid(M_A) predicts; stored in checkpoints so inference reads A the right way."""
         return 'unseen' if self.trusty_loss == 'focal' else 'seen'  # 'dice' and 'balanced' predict seen
 
-    def forward(self, outputs, label, unseen=None):
+    def forward(self, outputs, label, unseen=None, num_masks=None):
         """outputs: the model's dict; label (B, H, W) in vocabulary indices with unseen/ignored
-        pixels = 255; unseen (B, H, W) bool: pixels of unseen classes (from the unmasked label)."""
+        pixels = 255; unseen (B, H, W) bool: pixels of unseen classes (from the unmasked label).
+        num_masks: the divisor of every term instead of this batch's (image, present class) pairs
+        averaged over ranks (gradient accumulation passes 1, then divides the step's gradient)."""
         B, H, W = label.shape
         C = outputs['pred_masks'].shape[1] - int(self.trusty)
         valid = label != IGNORE_INDEX                                              # (B, H, W)
         classes = torch.arange(C, device=label.device).view(1, C, 1, 1)      # (1, C, 1, 1)
         target = (label.unsqueeze(1) == classes).flatten(2).float()          # (B, C, HW) one-hot G_R
         present = target.sum(-1) > 0                                         # (B, C)
-        num_masks = self.num_masks(present)
+        num_masks = self.num_masks(present) if num_masks is None else num_masks
 
         if self.ignore_mode == 'exclude':
             valid_px = valid.flatten(1).float()                              # (B, HW)

@@ -43,13 +43,14 @@ TEMPLATES = {
 
 @dataclass
 class TagCLIPConfig:
-    """The model. The last four fields reproduce quirks of the authors' code, only for checkpoints
-    converted from it (convert.py sets them; off for models trained here, DESIGN §11, §13):
-    double_cls_embedding: their image encoder adds the class embedding a second time at [CLS];
-    imagenet_mean_std: their inputs are normalised with ImageNet's mean/std, not CLIP's;
+    """The model. The last four fields follow the authors' code (DESIGN §11, §13, §16):
+    double_cls_embedding: their image encoder adds the class embedding a second time at [CLS]
+        (converted checkpoints only);
+    imagenet_mean_std: inputs normalised with ImageNet's mean/std, not CLIP's (their recipe: train.py's
+        default on the real datasets, --normalize; converted checkpoints);
     pos_table_grid: their positional table was resized once to this grid (32) when they loaded CLIP,
-        then to each window's grid (0: CLIP's own table);
-    fp32_inference: their scores were computed in fp32; evaluate.py/infer.py take --amp auto as off."""
+        then to each window's grid (0: CLIP's own table; converted checkpoints only);
+    fp32_inference: trained (or, converted, evaluated) in fp32: evaluate.py/infer.py take --amp auto as off."""
     clip_model: str = 'ViT-B-16'        # any open_clip ViT name ('toy_clip' for the toy world)
     pretrained: str | None = 'openai'   # open_clip tag, a local checkpoint file, or None (random init)
     n_prompts: int = 10                 # deep visual prompts per layer (100 for COCO-Stuff)
@@ -60,7 +61,7 @@ class TagCLIPConfig:
     prompt_dropout: float = 0.1
     dropout: float = 0.1                # decoder: attention weights, residual branches, FFN
     templates: str = 'single'           # 'single' or 'ensemble' (DESIGN §1)
-    double_cls_embedding: bool = False  # authors' quirks: see the docstring
+    double_cls_embedding: bool = False  # the authors' code: see the docstring
     imagenet_mean_std: bool = False
     pos_table_grid: int = 0
     fp32_inference: bool = False
@@ -168,7 +169,7 @@ class TagCLIP(nn.Module):
 
     @property
     def mean(self):
-        if self.cfg.imagenet_mean_std:  # authors' quirk: (123.675, 116.28, 103.53) / 255
+        if self.cfg.imagenet_mean_std:  # the authors': (123.675, 116.28, 103.53) / 255
             return IMAGENET_MEAN
         return tuple(getattr(self.clip.visual, 'image_mean', None) or open_clip.OPENAI_DATASET_MEAN)
 

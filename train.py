@@ -16,9 +16,11 @@ import os
 import random
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ from runtime import (HelpFormatter, agreed_exit, atomic_write, cpu_threads, firs
 # then what the command line says. Strings are formatted with the dataset and the setting.
 RECIPE = dict(batch_size=16, lr=2e-4, warmup=1500, eval_every=2000, workers=4, trusty_loss='focal',
               ratio_range=(0.5, 2.0), photometric='on', trusty_alpha=0.25, clip_model='ViT-B-16',
+              normalize='imagenet', save_best='off',
               data_root=None, out_dir='runs/{dataset}-{setting}')
 
 
@@ -82,7 +85,11 @@ def get_args(argv=None):
     a('--ratio-range', type=float, nargs=2, metavar=('LO', 'HI'),
       help=f"random rescale ratio {shown_default('ratio_range')}")
     a('--cat-max-ratio', type=float, default=0.75, help='crop retries while one class covers more')
-    a('--photometric', choices=['on', 'off'], help=f"photometric distortion {shown_default('photometric')}")
+    a('--photometric', choices=['on', 'off'],
+      help=f"mmseg's photometric distortion {shown_default('photometric')}")
+    a('--normalize', choices=['imagenet', 'clip'],
+      help=f"input mean/std: ImageNet's (the authors') or CLIP's own; stored in the checkpoint "
+           f"{shown_default('normalize')}")
     a = p.add_argument_group('model').add_argument
     a('--clip-model', help=f"open_clip ViT {shown_default('clip_model')}")
     a('--pretrained', help="open_clip tag, checkpoint file or 'none' (random) "
@@ -112,6 +119,8 @@ def get_args(argv=None):
     a = p.add_argument_group('optimisation').add_argument
     a('--iters', type=int, help=f"train iterations {shown_default('iters')}")
     a('--batch-size', type=int, help=f"global batch, split over ranks {shown_default('batch_size')}")
+    a('--micro-batch', type=int, help='images per forward and backward on each rank; the rest of its share of '
+                                      'the batch is gradient accumulation, the same gradient (default: its whole share)')
     a('--lr', type=float, help=f"AdamW lr for every trainable parameter {shown_default('lr')}")
     a('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     a('--exempt-norms', action='store_true', help='no weight decay on norms, biases, prompts, t_A')
@@ -119,7 +128,9 @@ def get_args(argv=None):
     a('--warmup-ratio', type=float, default=1e-6, help='the warm-up starts at this fraction of the lr')
     a('--poly-power', type=float, default=0.9, help='power of the poly decay after the warm-up')
     a('--min-lr', type=float, default=1e-6, help='the lr the poly decay ends at')
-    a('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'], help='auto: bf16 on CUDA, off on CPU')
+    a('--amp', default='off', choices=['off', 'bf16', 'fp16'],
+      help="off: fp32 (TF32 matmuls on CUDA, as the authors' runs); bf16 / fp16 autocast: faster, "
+           "not compared with the paper's numbers yet")
     a('--seed', type=int, default=0, help='training seed (rank r: seed + r; the augmentation: seed, epoch, index)')
     a('--threads', type=int, default=0, help='CPU: torch threads per process (0: the cores the data workers leave free)')
     a = p.add_argument_group('run').add_argument
@@ -129,6 +140,10 @@ def get_args(argv=None):
     a('--init-from', help='start from these weights with a fresh schedule (two-stage transductive)')
     a('--calibration', type=float, help='seen-score calibration at evaluation (default: 0.1 inductive, else 0)')
     a('--no-eval', action='store_true', help='skip evaluation (checkpoints only)')
+    a('--save-best', choices=['on', 'off'],
+      help='also keep best.pt, the checkpoint of the best validation hIoU (mIoU fully supervised); on VOC and '
+           "COCO-Stuff 'val' is the test set, so a number chosen this way is biased; the reported metrics are "
+           f"always the final model's {shown_default('save_best')}")
     a('--toy-clip-steps', type=int, help=f'toy world: tiny CLIP pretraining steps (default: {toy.CLIP_STEPS})')
     a('--toy-images', type=int, nargs=2, default=(5000, 500), metavar=('TRAIN', 'VAL'),
       help='toy world: train and val images')
@@ -158,7 +173,8 @@ def model_config(args):
     --pretrained 'none' translated."""
     kw = {f.name: getattr(args, f.name) for f in fields(TagCLIPConfig) if hasattr(args, f.name)}
     kw.update(pretrained=None if args.pretrained == 'none' else args.pretrained, trusty=args.trusty == 'on',
-              trusty_learner=not args.no_trusty_learner)
+              trusty_learner=not args.no_trusty_learner, imagenet_mean_std=args.normalize == 'imagenet',
+              fp32_inference=args.amp == 'off')
     return TagCLIPConfig(**kw)
 
 
@@ -261,8 +277,9 @@ def load_checkpoint(path, cfg, resume: bool):
     """Loads `path` (one-line error if it is not a checkpoint) and checks it was made for the same model
     config; the authors' quirk fields and a stored CLIP come from the checkpoint. Returns (ckpt, cfg)."""
     ckpt = read_checkpoint(path)
-    cfg = replace(cfg, **{k: ckpt['config'][k] for k in QUIRKS if k in ckpt['config']})
-    free = {'pretrained'} | (set() if resume else {'trusty', 'trusty_learner', 'prompt_dropout', 'dropout', 'templates'})
+    cfg = replace(cfg, **{k: ckpt['config'][k] for k in QUIRKS[:2] if k in ckpt['config']})
+    free = {'pretrained', 'fp32_inference'} | (set() if resume else {'trusty', 'trusty_learner', 'prompt_dropout',
+                                                                       'dropout', 'templates', 'imagenet_mean_std'})
     theirs = {k: v for k, v in ckpt['config'].items() if k not in free}
     ours = {k: v for k, v in asdict(cfg).items() if k not in free}
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
@@ -309,9 +326,12 @@ def train(args):
     if ckpt is not None:
         step, best = restore(args, ckpt, resume, rank, model, optimizer, scheduler, scaler)
         metrics = ckpt.get('metrics') if resume else None  # a run resumed at its end still reports them
-    # static_graph: the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss
-    # (only its mask logits do, as in the authors' code); the same parameters are unused every step
-    ddp = DistributedDataParallel(model, static_graph=True) if world > 1 else model
+    # the last ATM layer's query update (out_proj, FFN, norms) never reaches the loss (only its mask
+    # logits do, as in the authors' code): the same parameters are unused every step, a static graph;
+    # with gradient accumulation (no_sync, which a static graph does not allow) DDP finds them each step
+    accumulate = bool(args.micro_batch) and args.micro_batch < args.batch_size // world
+    ddp = DistributedDataParallel(model, static_graph=not accumulate, find_unused_parameters=accumulate) \
+        if world > 1 else model
     loader, val_loader = make_loaders(args, train_set, val_set, model, rank, world, device, step)
     text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
     luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
@@ -329,7 +349,7 @@ def train(args):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         vocab = vocabulary_at(step, args)
         losses = train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text[vocab],
-                            luts[vocab], unseen_ids if vocab == 'all' else [], step)
+                            luts[vocab], unseen_ids if vocab == 'all' else [], step, args.micro_batch)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.iters:
@@ -357,6 +377,11 @@ def setup_process(args):
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
+    if args.micro_batch and (args.batch_size // world) % args.micro_batch:
+        raise SystemExit(f'--micro-batch {args.micro_batch} does not divide the {args.batch_size // world} images '
+                         f'of each of the {world} processes')
+    if device.type == 'cuda':  # fp32 matmuls and convolutions in TF32, as the authors' torch 1.10 ran them
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == 'cpu' and args.threads:
         torch.set_num_threads(args.threads)  # an explicit --threads holds for the toy CLIP pretraining too
     if args.dataset == 'toy':
@@ -368,7 +393,23 @@ def setup_process(args):
     torch.manual_seed(args.seed + rank)
     if is_main():
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        record_recipe(args, world)
     return rank, world, device
+
+
+def record_recipe(args, world):
+    """config.json in the run folder: every flag's final value and what the run resolved from them;
+    a short summary on the console."""
+    per_rank = args.batch_size // world
+    micro = args.micro_batch or per_rank
+    resolved = {'world_size': world, 'per_process_batch': per_rank, 'micro_batch': micro,
+                'accumulation_steps': per_rank // micro, 'normalize': args.normalize,
+                'precision': 'fp32' if args.amp == 'off' else f'{args.amp} autocast', 'photometric': args.photometric,
+                'torch': torch.__version__, 'open_clip': open_clip.__version__}
+    write_json({'args': vars(args), 'resolved': resolved}, Path(args.out_dir) / 'config.json')
+    print(f"{args.dataset} {args.setting}: {args.iters} steps of {args.batch_size} images ({world} x {per_rank}, "
+          f"micro-batch {micro}), lr {args.lr:g}, {resolved['precision']}, {args.normalize} mean/std, "
+          f"photometric {args.photometric}; config.json in {args.out_dir}")
 
 
 def open_checkpoint(args, cfg, out_dir, world):
@@ -394,6 +435,7 @@ def open_datasets(args):
     before any long work."""
     try:
         train_set = build_dataset(args.dataset, args.data_root, 'train')
+        train_set.check_files()
         val_set, error = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val'), None
     except DatasetError as e:
         error = str(e)
@@ -477,10 +519,39 @@ def make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, sche
     return run_eval, state
 
 
-def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text, luts, unseen_ids, step):
+def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text, luts, unseen_ids, step,
+               micro_batch=None):
     """One optimiser step on a batch in the step's vocabulary (its text embeddings and label LUTs);
     unseen_ids: where the transductive second half pseudo-labels the unseen pixels (else []).
-    Returns the loss terms; a non-finite one stops the run."""
+    micro_batch: forward and backward this many images at a time, gradients accumulated (synced
+    across ranks on the last), the summed loss divided once by the whole batch's mask count: the
+    same gradient as one pass. Returns the loss terms; a non-finite one stops the run."""
+    parts = list(zip(images.split(micro_batch or len(images)), labels.split(micro_batch or len(images))))
+    optimizer.zero_grad(set_to_none=True)
+    summed, presents = {}, []
+    for i, (x, y) in enumerate(parts):
+        last = i == len(parts) - 1
+        with nullcontext() if last or not isinstance(ddp, DistributedDataParallel) else ddp.no_sync():
+            losses, present = micro_step(ddp, criterion, scaler, amp, x, y, text, luts, unseen_ids, step,
+                                         summed=len(parts) > 1)
+        summed = {k: summed.get(k, 0) + v.detach() for k, v in losses.items()}
+        presents.append(present)
+    if len(parts) > 1:  # the losses were sums over masks: one division for the whole batch
+        num_masks = criterion.num_masks(torch.cat(presents))
+        for group in optimizer.param_groups:
+            for p in group['params']:
+                if p.grad is not None:
+                    p.grad.div_(num_masks)
+        losses = {k: v / num_masks for k, v in summed.items()}
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return losses
+
+
+def micro_step(ddp, criterion, scaler, amp, images, labels, text, luts, unseen_ids, step, summed):
+    """Forward and backward of one (micro-)batch. summed: the loss terms as sums over the masks
+    (gradient accumulation), else divided by the batch's mask count. Returns (losses, mask pairs)."""
     to_vocab, is_unseen = luts
     label, unseen_px = to_vocab[labels], is_unseen[labels]
     device = images.device
@@ -488,16 +559,14 @@ def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels
         outputs = ddp(images, text)
     if unseen_ids:
         label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
-    losses = criterion(outputs, label, unseen_px if criterion.trusty else None)
+    C = outputs['pred_masks'].shape[1] - int(criterion.trusty)
+    present = (label.unsqueeze(1) == torch.arange(C, device=device).view(1, C, 1, 1)).flatten(2).any(-1)  # (B, C)
+    losses = criterion(outputs, label, unseen_px if criterion.trusty else None, 1.0 if summed else None)  # num_masks
     bad = [k for k, v in losses.items() if not torch.isfinite(v)]
     if bad:
         raise SystemExit(f'step {step}: non-finite {bad[0]} = {losses[bad[0]].item()}; stopping')
-    optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses['loss']).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return losses
+    return losses, present
 
 
 def log_losses(losses, step, lr, steps_per_s, bar, log):
@@ -519,7 +588,7 @@ def evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_d
             tqdm.write(f"step {step}: " + '  '.join(f'{k} {v:.2f}' for k, v in metrics['summary'].items()))
             log.write(json.dumps({'step': step, 'eval': strict(metrics['summary'])}, allow_nan=False) + '\n')
             log.flush()
-        if not score < best:  # NaN (no unseen class in the set) never blocks the first save
+        if args.save_best == 'on' and not score < best:  # NaN (no unseen class) never blocks the first save
             best = score
             ckpt = state(step, best, metrics)
             if is_main():

@@ -9,8 +9,9 @@ from PIL import Image
 from torchvision import tv_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DATASETS, TOY_CLASSES, DatasetError, build_dataset, eval_transform,  # noqa: E402
-                  keep_ratio_size, mmseg_test_size, resize_bilinear, resize_short, train_transform)
+from data import (DATASETS, TOY_CLASSES, DatasetError, PhotoMetricDistortion, RandomRescale,  # noqa: E402
+                  build_dataset, eval_transform, keep_ratio_size, mmseg_test_size, resize_bilinear, resize_short,
+                  rgb_to_hsv_cv, train_transform)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 H, W = 6, 8
@@ -374,3 +375,49 @@ def test_dataset_with_transforms(voc):
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch['image'].shape == (2, 3, 16, 16) and batch['label'].shape == (2, 16, 16)
     assert batch['path'] == ['JPEGImages/b.jpg', 'JPEGImages/c.jpg']
+
+
+# ----------------------------------------------------------------------------- mmseg photometric distortion
+
+def _distort(pixel, **ops):
+    """PhotoMetricDistortion on a 1 x 1 image with the chosen ops forced on (the others off)."""
+    d = PhotoMetricDistortion()
+    image = tv_tensors.Image(torch.tensor(pixel, dtype=torch.uint8).view(3, 1, 1))
+    return d.apply(image, **ops).flatten().tolist()
+
+
+def test_photometric_brightness_adds_and_contrast_multiplies():
+    assert _distort((20, 20, 20), beta=32) == [52, 52, 52]                        # mmseg adds, no factor
+    assert _distort((128, 64, 32), alpha=1.5) == [192, 96, 48]                    # no mean subtracted
+    assert _distort((250, 10, 3), beta=10) == [255, 20, 13]                       # clipped at 255
+    assert _distort((100, 100, 100), alpha=0.5 + 1 / 256) == [50, 50, 50]         # truncated, not rounded
+
+
+def test_photometric_hue_moves_by_two_degrees_per_unit():
+    red = rgb_to_hsv_cv(torch.tensor([255., 0, 0]).view(3, 1, 1)).flatten().tolist()
+    assert red == [0, 255, 255]
+    assert _distort((255, 0, 0), hue=30) == [255, 255, 0]                         # +60 degrees: yellow
+    assert _distort((255, 0, 0), hue=-30) == [255, 0, 255]                        # -60 degrees (mod 180): magenta
+    assert _distort((255, 0, 0), hue=60) == [0, 255, 0]                           # +120 degrees: green
+    assert _distort((255, 0, 0), saturation=0.5) == [255, 128, 128]               # S 255 -> 127
+
+
+def test_photometric_contrast_position_follows_the_coin():
+    """Contrast runs second (coin 1) or last (coin 0): contrast clips at 255, so the two orders differ."""
+    first = _distort((200, 100, 50), alpha=1.5, hue=30, contrast_first=True)
+    last = _distort((200, 100, 50), alpha=1.5, hue=30, contrast_first=False)
+    assert first != last
+    by_hand_last = _distort(tuple(_distort((200, 100, 50), hue=30)), alpha=1.5)
+    assert last == by_hand_last
+
+
+
+def test_random_rescale_shrinks_without_antialias():
+    """mmseg's training resize is cv2 INTER_LINEAR: plain bilinear, half-pixel centres, no antialiasing."""
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8))
+    label = tv_tensors.Mask(torch.randint(0, 5, (40, 60)))
+    out, lab = RandomRescale((60, 40), (0.5, 0.5))(image, label)
+    ref = torch.nn.functional.interpolate(image[None].float(), size=(20, 30), mode='bilinear', align_corners=False,
+                                          antialias=False)[0].round().to(torch.uint8)
+    assert torch.equal(out, ref) and out.dtype == torch.uint8
+    assert torch.equal(lab, label[::2, ::2])  # labels: nearest

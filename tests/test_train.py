@@ -146,15 +146,22 @@ def test_two_ranks_equal_one_with_double_batch(world, tmp_path, monkeypatch):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     monkeypatch.setenv('GRAD_FILE', str(tmp_path / 'ddp-grads-{rank}.pt'))
-    mp.spawn(_ddp_worker, args=(port, str(cfg_file), argv(world, tmp_path / 'ddp', '--batch-size', '4', *common)),
+    # the two ranks accumulate their 2 images as 2 micro-batches of 1 (no gradient sync on the first)
+    mp.spawn(_ddp_worker, args=(port, str(cfg_file), argv(world, tmp_path / 'ddp', '--batch-size', '4',
+                                                            '--micro-batch', '1', *common)),
              nprocs=2, join=True)
-    monkeypatch.setenv('GRAD_FILE', str(tmp_path / 'single-grads.pt'))
     monkeypatch.setattr(torch.optim, 'AdamW', RecordingAdamW)
-    train.main(argv(world, tmp_path / 'single', '--batch-size', '4', *common))
-    # the first step's gradients: each rank holds the average over both ranks = the batch-of-4 gradient
-    g0, g1, g = (torch.load(tmp_path / f, weights_only=True) for f in ('ddp-grads-0.pt', 'ddp-grads-1.pt', 'single-grads.pt'))
+    for out, extra in (('single', []), ('micro', ['--micro-batch', '2'])):
+        monkeypatch.setenv('GRAD_FILE', str(tmp_path / f'{out}-grads.pt'))
+        train.main(argv(world, tmp_path / out, '--batch-size', '4', *extra, *common))
+    # the first step's gradients: each rank holds the average over both ranks = the batch-of-4 gradient,
+    # and so does one process accumulating 2 micro-batches of 2
+    g0, g1, g, gm = (torch.load(tmp_path / f, weights_only=True)
+                     for f in ('ddp-grads-0.pt', 'ddp-grads-1.pt', 'single-grads.pt', 'micro-grads.pt'))
     assert all(torch.equal(x, y) for x, y in zip(g0, g1))
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(g0, g))
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(gm, g))
+    assert max((x - y).abs().max() for x, y in zip(gm, g)) < 1e-6 and max((x - y).abs().max() for x, y in zip(g0, g)) < 1e-6
     # weights after 3 AdamW steps: Adam normalises the ~1e-9 gradients of a few biases, whose rounding
     # differs between the runs, into steps of up to lr (~4e-4) — hence the tolerance
     a, b = final_weights(tmp_path / 'ddp'), final_weights(tmp_path / 'single')
