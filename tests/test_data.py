@@ -177,6 +177,8 @@ def test_listed_image_missing(voc):
     _split(voc / 'ImageSets/Segmentation/val.txt', ['b', 'zzz'])
     ds = build_dataset('voc', voc, 'val')  # construction does not read files
     _error(lambda: ds[1], voc / 'JPEGImages/zzz.jpg', 'not found')
+    # train.py checks every listed file before its first step: the first missing one and the count
+    _error(ds.check_files, voc / 'JPEGImages/zzz.jpg', 'not found', '2 of the 4')
 
 
 def test_truncated_jpeg(voc):

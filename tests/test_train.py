@@ -116,6 +116,9 @@ def test_resume_with_workers_and_evaluations_is_exact(world, tmp_path, monkeypat
     (tmp_path / 'broken' / 'metrics.json').unlink()
     run('broken', '--resume', 'auto')  # at its last step already: nothing to train, the metrics again
     assert json.loads((tmp_path / 'broken' / 'metrics.json').read_text())['step'] == 6
+    config = json.loads((tmp_path / 'broken' / 'config.json').read_text())  # the resolved recipe on record
+    assert config['args']['iters'] == 6 and config['resolved']['accumulation_steps'] == 1
+    assert config['resolved']['precision'] == 'fp32' and config['resolved']['normalize'] == 'clip'
 
 
 class RecordingAdamW(torch.optim.AdamW):
@@ -256,3 +259,7 @@ def test_toy_recipe_and_real_defaults():
     voc = train.get_args(['--dataset', 'voc', '--data-root', 'x'])  # the authors' recipe
     assert (voc.batch_size, voc.iters, voc.trusty_loss, voc.trusty_alpha, voc.photometric) == (16, 20000, 'focal', 0.25, 'on')
     assert train.get_args(['--trusty-alpha', '0.25']).trusty_alpha == 0.25
+    # the authors' normalisation, precision and reporting on real data; the toy world keeps its own
+    assert (voc.normalize, voc.amp, voc.save_best, toy.normalize, toy.save_best) == ('imagenet', 'off', 'off', 'clip', 'on')
+    assert train.model_config(voc).imagenet_mean_std and not train.model_config(toy).imagenet_mean_std
+    assert train.model_config(voc).fp32_inference
