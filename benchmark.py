@@ -42,7 +42,7 @@ from data import COCO_STUFF_CLASSES, IGNORE_INDEX
 from inference import default_stride, slide_inference
 from checkpoint import build_model
 from losses import TagCLIPLoss
-from model import TEMPLATES, TagCLIP, TagCLIPConfig
+from model import TEMPLATES, TagCLIP, TagCLIPConfig, vit_block
 from runtime import HelpFormatter
 
 # the ratios the implementation should reach (the brief; DESIGN §7: windows batched, text cached)
@@ -52,15 +52,19 @@ TARGETS = {'trusty / bare': 1.05, 'trusty / no_trusty': 1.01, 'slide / batch': 1
 # ----------------------------------------------------------------------------- models
 
 def bare_clip(model: TagCLIP, images, grad_input: bool = False):
-    """The frozen CLIP visual tower as open_clip runs it, on the same input as TagCLIP: conv1, [CLS],
-    positions interpolated to the patch grid, ln_pre, the blocks, ln_post and proj on every token.
-    No prompts, no prompt LayerNorm, no decoder. grad_input: the embedded tokens require grad, so that a
-    backward runs through every block as TagCLIP's does to its prompts. Returns (B, 1+N, d)."""
+    """The frozen CLIP visual tower on the same input as TagCLIP: conv1, [CLS], positions interpolated
+    to the patch grid, ln_pre, the blocks (through model.vit_block, as TagCLIP runs them), ln_post and
+    proj on every token. No prompts, no prompt LayerNorm, no decoder. grad_input: the embedded tokens
+    require grad, so that a backward runs through every block as TagCLIP's does to its prompts.
+    Returns (B, 1+N, d)."""
     v = model.clip.visual
     x, _ = model.embed_patches(images)                                     # (B, 1+N, D)
     if grad_input:
         x = x.detach().requires_grad_()
-    x = v.ln_post(v.transformer(x))
+    batch_first = getattr(v.transformer, 'batch_first', True)
+    for block in v.transformer.resblocks:
+        x = vit_block(block, x, batch_first)                               # (B, 1+N, D)
+    x = v.ln_post(x)
     return x @ v.proj if v.proj is not None else x                         # (B, 1+N, d)
 
 
