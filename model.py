@@ -239,8 +239,8 @@ class TagCLIP(nn.Module):
         return v.ln_pre(x + pos), (gh, gw)
 
     def encode_image(self, images):
-        """DESIGN §2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised,
-        and the patch grid (H/p, W/p).
+        """DESIGN §2: frozen ViT with deep prompts, each block run by `vit_block` (its own weights, fused
+        attention). Returns h (B, d) and E (B, N, d), both L2-normalised, and the patch grid (H/p, W/p).
         Departure: paper §3.1 only names deep prompt tuning; the rest is the authors' code (DESIGN §2, §11)."""
         v = self.clip.visual
         x, (gh, gw) = self.embed_patches(images)  # (B, 1+N, D)
@@ -252,7 +252,7 @@ class TagCLIP(nn.Module):
             # before every layer: drop the previous layer's prompt outputs, insert fresh prompts
             rest = x[:, 1:] if i == 0 else x[:, 1 + Np:]
             x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, Np, D)), rest], 1)  # (B, 1+Np+N, D)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            x = vit_block(block, x, batch_first)                     # (B, 1+Np+N, D)
         x = torch.cat([x[:, :1], x[:, 1 + Np:]], 1)  # (B, 1+N, D)
         x = v.ln_post(self.prompt_norm(x))
         if v.proj is not None:

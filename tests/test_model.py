@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model, load_clip
+import model as model_py
 from model import TEMPLATES, ATMLayer, TagCLIPConfig, TrustyLearner, fused_attention_block, trusty_scores, vit_block
 
 
@@ -331,3 +332,27 @@ def test_vit_block_falls_back_to_other_blocks():
         assert not fused_attention_block(block)
         assert torch.equal(vit_block(block, x), block(x))
 
+
+def test_prompted_vit_equals_open_clip_blocks(tiny_cfg, monkeypatch):
+    """TagCLIP with vit_block equals TagCLIP running every frozen block's own forward: mask logits under
+    inference_mode (eval) and, in train mode with the same dropout draws, the gradients to the prompts."""
+    torch.manual_seed(0)
+    model = build_model(replace(tiny_cfg, clip_model='toy_clip'))
+    images, text = torch.randn(2, 3, 64, 80), F.normalize(torch.randn(4, 128), dim=-1)
+
+    def run():
+        with torch.inference_mode():
+            out = model.eval()(images, text)
+        torch.manual_seed(1)
+        model.train().zero_grad()
+        step = model(images, text)
+        (step['pred_masks'].square().mean() + sum(m.mean() for m in step['aux_masks'])).backward()
+        return out, model.prompts.grad.clone(), model.prompt_proj.weight.grad.clone()
+
+    ours, g_prompts, g_proj = run()
+    monkeypatch.setattr(model_py, 'vit_block', lambda block, x, batch_first=True: block(x))
+    theirs, g_prompts_ref, g_proj_ref = run()
+    for a, b in zip([ours['pred_masks'], *ours['aux_masks']], [theirs['pred_masks'], *theirs['aux_masks']]):
+        assert (a - b).abs().max() < 1e-6, (a - b).abs().max()
+    for g, ref in ((g_prompts, g_prompts_ref), (g_proj, g_proj_ref)):
+        assert g.abs().max() > 0 and (g - ref).abs().max() / ref.abs().max() < 1e-5, (g - ref).abs().max() / ref.abs().max()
