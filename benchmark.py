@@ -7,10 +7,15 @@ Builds TagCLIP with random weights (no download) and measures, for one S x S ima
     the latter being the unit of the "110.4 GFLOPs" in ZegCLIP's table (mmcv's get_flops counts MACs);
   - latency of the bare frozen CLIP visual tower (no prompts, no decoder), of TagCLIP's prompted ViT
     alone (`encode_image`: splits the overhead into prompts and decoder), of TagCLIP without and with
-    the trusty token, of sliding inference on an S x 1.33S image (2 windows, one batch) and of one
-    forward of those two windows; all variants alternate round-robin so load changes hit them alike;
+    the trusty token, of sliding inference on an S x 1.33S image (2 windows, one batch: the whole-image
+    path of evaluate.py and infer.py) and of one forward of those two windows;
+  - one training step at batch B (`--train-batch`, default 2): forward, TagCLIPLoss and
+    backward to the prompts and the decoder, against the bare tower's forward and backward from its
+    patch embeddings (autograd runs through every frozen block in both);
+    all variants alternate round-robin so load changes hit them alike;
   - the one-off cost of embedding a 171-class vocabulary with the 15-template ensemble (DESIGN §1);
-  - peak memory per variant (CUDA max allocated, or process peak RSS on CPU).
+  - peak memory per variant (CUDA max allocated, or process peak RSS on CPU) and the working memory
+    above what was in use before the call (for sliding inference: the whole-image path's).
 
     python benchmark.py                                    # ViT-B-16, CPU, 512 x 512, ~8 min on 2 cores
     python benchmark.py --device cuda --repeats 50 --warmup 5
@@ -33,10 +38,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from data import COCO_STUFF_CLASSES
+from data import COCO_STUFF_CLASSES, IGNORE_INDEX
 from inference import default_stride, slide_inference
 from checkpoint import build_model
-from model import TEMPLATES, TagCLIP, TagCLIPConfig
+from losses import TagCLIPLoss
+from model import TEMPLATES, TagCLIP, TagCLIPConfig, vit_block
 from runtime import HelpFormatter
 
 # the ratios the implementation should reach (the brief; DESIGN §7: windows batched, text cached)
@@ -45,13 +51,20 @@ TARGETS = {'trusty / bare': 1.05, 'trusty / no_trusty': 1.01, 'slide / batch': 1
 
 # ----------------------------------------------------------------------------- models
 
-def bare_clip(model: TagCLIP, images):
-    """The frozen CLIP visual tower as open_clip runs it, on the same input as TagCLIP: conv1, [CLS],
-    positions interpolated to the patch grid, ln_pre, the blocks, ln_post and proj on every token.
-    No prompts, no prompt LayerNorm, no decoder. Returns (B, 1+N, d)."""
+def bare_clip(model: TagCLIP, images, grad_input: bool = False):
+    """The frozen CLIP visual tower on the same input as TagCLIP: conv1, [CLS], positions interpolated
+    to the patch grid, ln_pre, the blocks (through model.vit_block, as TagCLIP runs them), ln_post and
+    proj on every token. No prompts, no prompt LayerNorm, no decoder. grad_input: the embedded tokens
+    require grad, so that a backward runs through every block as TagCLIP's does to its prompts.
+    Returns (B, 1+N, d)."""
     v = model.clip.visual
     x, _ = model.embed_patches(images)                                     # (B, 1+N, D)
-    x = v.ln_post(v.transformer(x))
+    if grad_input:
+        x = x.detach().requires_grad_()
+    batch_first = getattr(v.transformer, 'batch_first', True)
+    for block in v.transformer.resblocks:
+        x = vit_block(block, x, batch_first)                               # (B, 1+N, D)
+    x = v.ln_post(x)
     return x @ v.proj if v.proj is not None else x                         # (B, 1+N, d)
 
 
@@ -63,15 +76,15 @@ def count_params(model: TagCLIP):
             'frozen_clip': sum(p.numel() for p in model.clip.parameters())}
 
 
-@torch.no_grad()
-def count_flops(fn) -> int:
-    """FLOPs (2 x MACs of matmuls and convolutions) of one call. The counter misses attention run by
-    fused kernels (nn.MultiheadAttention's fast path, CPU flash attention), so both are switched to
-    plain matmuls here; FlopCounterMode cannot run under inference_mode, hence no_grad."""
+def count_flops(fn, grad: bool = False) -> int:
+    """FLOPs (2 x MACs of matmuls and convolutions) of one call; with grad, its backward's too. The
+    counter misses attention run by fused kernels (nn.MultiheadAttention's fast path, CPU flash
+    attention), so both are switched to plain matmuls here; FlopCounterMode cannot run under
+    inference_mode, hence no_grad for a forward."""
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(grad), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             fn()
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
@@ -204,6 +217,8 @@ def parse_args(argv=None):
     p.add_argument('--size', type=int, default=512, help='square input side S (crop); multiple of the patch size')
     p.add_argument('--classes', type=int, default=20, help='vocabulary size C of the forward (VOC: 20)')
     p.add_argument('--n-prompts', type=int, default=10, help='deep visual prompts per layer (VOC 10, COCO 100)')
+    p.add_argument('--train-batch', type=int, default=2,
+                   help='batch B of the training-step rows (0: no training rows)')
     p.add_argument('--text-classes', type=int, default=171,
                    help='vocabulary embedded for the text timing (first K COCO-Stuff names, 15 templates)')
     p.add_argument('--threads', type=int, default=0,
@@ -243,11 +258,14 @@ def main(argv=None):
     stride = default_stride(S)
     windows = torch.stack([wide[:, :, :S], wide[:, :, -S:]])                          # (2, 3, S, S)
 
-    # FLOPs of one S x S forward
-    flops = {'bare': count_flops(lambda: bare_clip(tag, image)),
-             'encoder': count_flops(lambda: tag.encode_image(image)),
-             'no_trusty': count_flops(lambda: zeg(image, text)),
-             'trusty': count_flops(lambda: tag(image, text))}
+    # a training batch: B random crops, random labels whose unseen classes' pixels are 255 (as train.py
+    # masks them), the loss train.py builds by default
+    Bt = args.train_batch
+    crops = torch.randn(Bt, 3, S, S, device=device)                                  # (Bt, 3, S, S)
+    label = torch.randint(0, args.classes, (Bt, S, S), device=device)                # (Bt, S, S)
+    unseen = ~seen[label]                                                            # (Bt, S, S)
+    label = label.masked_fill(unseen, IGNORE_INDEX)
+    criterion = TagCLIPLoss(trusty=True)
 
     def forward(model, x):
         with amp():
@@ -261,20 +279,52 @@ def main(argv=None):
         with amp():
             return tag.encode_image(image)
 
+    def train_step():  # as train.py: model.train() (the frozen CLIP stays in eval), forward, loss, backward
+        tag.train().zero_grad(set_to_none=True)
+        try:
+            with amp():
+                outputs = tag(crops, text)
+            criterion(outputs, label, unseen)['loss'].backward()
+        finally:
+            tag.eval()
+
+    def bare_step():  # the same autograd through every frozen block, from the tokens instead of the prompts
+        with amp():
+            x = bare_clip(tag, crops, grad_input=True)
+        x.float().mean().backward()
+
+    def inference(fn):  # as evaluate.py and infer.py run the model
+        def run():
+            with torch.inference_mode():
+                return fn()
+        return run
+
     variants = {
-        'bare': bare,
-        'encoder': encoder,
-        'no_trusty': lambda: forward(zeg, image),
-        'trusty': lambda: forward(tag, image),
-        'slide': lambda: slide_inference(tag, wide, text, seen, crop=S, stride=stride,
-                                         amp=torch.bfloat16 if device.type == 'cuda' else None),
-        'batch': lambda: forward(tag, windows),
+        'bare': inference(bare),
+        'encoder': inference(encoder),
+        'no_trusty': inference(lambda: forward(zeg, image)),
+        'trusty': inference(lambda: forward(tag, image)),
+        'slide': inference(lambda: slide_inference(tag, wide, text, seen, crop=S, stride=stride,
+                                                   amp=torch.bfloat16 if device.type == 'cuda' else None)),
+        'batch': inference(lambda: forward(tag, windows)),
     }
     images = {'bare': 1, 'encoder': 1, 'no_trusty': 1, 'trusty': 1, 'slide': 1, 'batch': 2}
-    memory = Memory(device)
-    with torch.inference_mode():
-        times, cpu, peaks = round_robin(variants, args.repeats, args.warmup, device, memory, not args.no_progress)
+    if Bt:
+        variants |= {'bare_train': bare_step, 'train': train_step}
+        images |= {'bare_train': Bt, 'train': Bt}
 
+    # FLOPs of one S x S forward, and of a training step with its backward
+    flops = {'bare': count_flops(lambda: bare_clip(tag, image)),
+             'encoder': count_flops(lambda: tag.encode_image(image)),
+             'no_trusty': count_flops(lambda: zeg(image, text)),
+             'trusty': count_flops(lambda: tag(image, text))}
+    if Bt:
+        flops |= {'bare_train': count_flops(bare_step, grad=True), 'train': count_flops(train_step, grad=True)}
+
+    memory = Memory(device)
+    times, cpu, peaks = round_robin(variants, args.repeats, args.warmup, device, memory, not args.no_progress)
+    tag.zero_grad(set_to_none=True)
+    with torch.inference_mode():
         # text: once per vocabulary and run (DESIGN §1); the first call is what a run pays
         names = list(COCO_STUFF_CLASSES[:args.text_classes])
         sync(device)
@@ -287,7 +337,10 @@ def main(argv=None):
     ratios = {}
     for name, (a, b) in {'trusty / bare': ('trusty', 'bare'), 'no_trusty / bare': ('no_trusty', 'bare'),
                          'encoder / bare': ('encoder', 'bare'), 'trusty / encoder': ('trusty', 'encoder'),
-                         'trusty / no_trusty': ('trusty', 'no_trusty'), 'slide / batch': ('slide', 'batch')}.items():
+                         'trusty / no_trusty': ('trusty', 'no_trusty'), 'slide / batch': ('slide', 'batch'),
+                         'train / bare_train': ('train', 'bare_train')}.items():
+        if a not in times:
+            continue
         r = ratio(times[a], times[b], cpu[a], cpu[b])
         if name in TARGETS:  # judged on the paired wall-clock ratio
             r |= {'target': TARGETS[name], 'met': r['paired_median'] <= TARGETS[name]}
@@ -300,7 +353,8 @@ def main(argv=None):
                   'torch': torch.__version__, 'open_clip': open_clip.__version__,
                   'precision': 'bf16 autocast' if device.type == 'cuda' else 'fp32',
                   'loadavg_start': load_start, 'loadavg_end': os.getloadavg(),
-                  'slide_image': list(wide.shape[1:]), 'slide_windows': windows.shape[0]},
+                  'slide_image': list(wide.shape[1:]), 'slide_windows': windows.shape[0],
+                  'train_loss': 'TagCLIPLoss (focal, dice, trusty focal; no aux)'},
         'params': params,
         'gflops': {k: v / 1e9 for k, v in flops.items()},
         'gmacs': {k: v / 2e9 for k, v in flops.items()},
@@ -317,7 +371,7 @@ def main(argv=None):
     print(format_report(result))
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, allow_nan=False)
     return result
 
 
@@ -337,12 +391,18 @@ def format_report(r) -> str:
     lines += ['', f"{'one forward, B=1':<24} {'GFLOPs':>8} {'GMACs':>8} {'median ms':>10} {'min ms':>9} "
                   f"{'img/s':>7} {'peak MiB':>9} {'(+MiB)':>7}" + (f" {'CPU ms':>9}" if cpu else '')]
     names = {'bare': 'bare CLIP visual', 'encoder': 'prompted ViT (no dec.)', 'no_trusty': 'TagCLIP w/o trusty', 'trusty': 'TagCLIP',
-             'slide': f"slide {s['slide_image'][0]}x{s['slide_image'][1]}", 'batch': f"batch of {s['slide_windows']} windows"}
+             'slide': f"slide {s['slide_image'][0]}x{s['slide_image'][1]}", 'batch': f"batch of {s['slide_windows']} windows",
+             'bare_train': 'bare CLIP fwd + bwd', 'train': 'TagCLIP training step'}
     for k, name in names.items():
+        if k not in r['latency']:
+            continue
         t = r['latency'][k]
         fl = f"{r['gflops'][k]:8.2f} {r['gmacs'][k]:8.2f}" if k in r['gflops'] else f"{'':8} {'':8}"
         if k == 'slide':
-            lines += ['', 'sliding inference (1 image, windows batched) vs one forward of its windows']
+            lines += ['', 'sliding inference (1 image, windows batched: the whole-image path) vs one forward of its windows']
+        if k == 'bare_train':
+            lines += ['', f"training step, B={s['train_batch']} (forward, loss, backward to prompts and decoder) vs the bare "
+                          'tower from tokens that require grad; FLOPs include the backward']
         lines.append(f"{name:<24} {fl} {t['median_ms']:10.1f} {t['min_ms']:9.1f} {t['images_per_s']:7.2f} "
                      f"{r['peak_memory_mib'][k]:9.0f} {r['peak_memory_added_mib'][k]:7.0f}" + (f" {t['cpu_median_ms']:9.1f}" if cpu else ''))
     lines += ['', f"{'ratio (wall clock)':<24} {'median':>8} {'min':>8} {'paired':>8}" + (f" {'CPU':>8}" if cpu else '')

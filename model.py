@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
+from open_clip.transformer import ResidualAttentionBlock
 
 # the tiny CLIP of the offline toy world (toy.py) is an ordinary open_clip config: 'toy_clip'
 if Path(__file__).with_name('toy_clip.json').exists():
@@ -239,8 +240,8 @@ class TagCLIP(nn.Module):
         return v.ln_pre(x + pos), (gh, gw)
 
     def encode_image(self, images):
-        """DESIGN §2: frozen ViT with deep prompts. Returns h (B, d) and E (B, N, d), both L2-normalised,
-        and the patch grid (H/p, W/p).
+        """DESIGN §2: frozen ViT with deep prompts, each block run by `vit_block` (its own weights, fused
+        attention). Returns h (B, d) and E (B, N, d), both L2-normalised, and the patch grid (H/p, W/p).
         Departure: paper §3.1 only names deep prompt tuning; the rest is the authors' code (DESIGN §2, §11)."""
         v = self.clip.visual
         x, (gh, gw) = self.embed_patches(images)  # (B, 1+N, D)
@@ -252,7 +253,7 @@ class TagCLIP(nn.Module):
             # before every layer: drop the previous layer's prompt outputs, insert fresh prompts
             rest = x[:, 1:] if i == 0 else x[:, 1 + Np:]
             x = torch.cat([x[:, :1], self.prompt_dropout(prompts[i].expand(B, Np, D)), rest], 1)  # (B, 1+Np+N, D)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            x = vit_block(block, x, batch_first)                     # (B, 1+Np+N, D)
         x = torch.cat([x[:, :1], x[:, 1 + Np:]], 1)  # (B, 1+N, D)
         x = v.ln_post(self.prompt_norm(x))
         if v.proj is not None:
@@ -304,6 +305,37 @@ class TagCLIP(nn.Module):
         no_decay = lambda n, p: p.dim() < 2 or 'norm' in n or n in ('prompts', 'trusty_token')
         return [{'params': [p for n, p in params if not no_decay(n, p)], 'lr': lr, 'weight_decay': weight_decay},
                 {'params': [p for n, p in params if no_decay(n, p)], 'lr': lr, 'weight_decay': 0.0}]
+
+
+def fused_attention_block(block: nn.Module) -> bool:
+    """Whether `vit_block` computes this block itself: open_clip's plain ResidualAttentionBlock (every
+    ViT config used here: ViT-B-16, ViT-B-32, ViT-L-14, toy_clip) around a self-attention
+    nn.MultiheadAttention with packed q/k/v weights and no extra key/value biases."""
+    a = getattr(block, 'attn', None)
+    return (type(block) is ResidualAttentionBlock and not hasattr(block, 'ln_1_kv')
+            and type(a) is nn.MultiheadAttention and a._qkv_same_embed_dim and a.in_proj_weight is not None
+            and a.bias_k is None and a.bias_v is None and not a.add_zero_attn)
+
+
+def vit_block(block: nn.Module, x, batch_first: bool = True):
+    """One frozen ViT block on x (B, T, D) -> (B, T, D): open_clip's ResidualAttentionBlock.forward
+    (no attention mask), x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x))), with the block's own
+    weights, but the attention computed here: one GEMM for q, k and v on the contiguous tokens, then
+    fused scaled-dot-product attention. nn.MultiheadAttention (batch_first) hands its in-projection a
+    transposed view, which with autograd through the block (the prompts train) runs as ~1000 small
+    matmuls, forward and backward; under inference_mode its fast path computes attention as bmm +
+    softmax instead of the fused kernel. Any other block (open_clip's CustomResidualAttentionBlock:
+    qk-norm, scaled cosine attention, extra norms) runs its own forward, in its transformer's layout."""
+    if not fused_attention_block(block):
+        return block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+    a = block.attn
+    B, T, D = x.shape
+    h = a.num_heads
+    qkv = F.linear(block.ln_1(x), a.in_proj_weight, a.in_proj_bias)     # (B, T, 3D)
+    q, k, v = qkv.view(B, T, 3, h, D // h).permute(2, 0, 3, 1, 4)        # 3 x (B, h, T, D/h)
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=a.dropout if a.training else 0.0)  # (B, h, T, D/h)
+    x = x + block.ls_1(a.out_proj(y.transpose(1, 2).reshape(B, T, D)))  # (B, T, D)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def fp16_text_tower(clip):

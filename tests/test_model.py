@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model, load_clip
-from model import TEMPLATES, ATMLayer, TagCLIPConfig, TrustyLearner, trusty_scores
+import model as model_py
+from model import TEMPLATES, ATMLayer, TagCLIPConfig, TrustyLearner, fused_attention_block, trusty_scores, vit_block
 
 
 @pytest.mark.parametrize('trusty', [True, False])
@@ -289,3 +290,69 @@ def test_authors_quirks_in_the_image_embedding(tiny_cfg):
     assert torch.allclose(x, v.ln_pre(tokens + pos), atol=1e-6)
     assert quirky.mean == (0.485, 0.456, 0.406) and quirky.std == (0.229, 0.224, 0.225)
     assert plain.mean == open_clip.OPENAI_DATASET_MEAN
+
+
+MODES = [(mode, ctx) for mode in ('train', 'eval') for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode)]
+
+
+@pytest.mark.parametrize('name,ls', [('tiny_test_clip', None), ('toy_clip', None), ('ViT-B-16', None),
+                                     ('ViT-B-32', None), ('ViT-L-14', None), ('tiny_test_clip', 0.5)])
+def test_vit_block_equals_open_clip(name, ls):
+    """vit_block computes the attention itself (one q/k/v GEMM, fused SDPA) and equals the block's own
+    forward: nn.MultiheadAttention's fast path under no_grad / inference_mode, its SDPA path with grad;
+    the block in eval and train mode; one block of each ViT used here, QuickGELU and LayerScale too."""
+    from open_clip.model import _build_vision_tower
+    torch.manual_seed(0)
+    cfg = open_clip.get_model_config(name)
+    vision = cfg['vision_cfg'] | {'layers': 1, 'ls_init_value': ls}
+    block = _build_vision_tower(cfg['embed_dim'], vision, quick_gelu=ls is None).transformer.resblocks[0]
+    block.requires_grad_(False)
+    assert fused_attention_block(block)
+    used = block.attn.register_forward_hook(lambda *a: pytest.fail('nn.MultiheadAttention ran'))
+    x = torch.randn(2, 1 + 3 + 20, block.ln_1.normalized_shape[0])  # (B, 1+Np+N, D)
+    for mode, ctx in MODES:
+        block.train(mode == 'train')
+        with ctx():
+            ours = vit_block(block, x)
+            used.remove()
+            theirs = block(x)
+            used = block.attn.register_forward_hook(lambda *a: pytest.fail('nn.MultiheadAttention ran'))
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6), (mode, ctx.__name__, (ours - theirs).abs().max())
+
+
+def test_vit_block_falls_back_to_other_blocks():
+    """Blocks with extra norms or another attention (open_clip's CustomResidualAttentionBlock: qk-norm,
+    ln_attn, scaled heads and MLP; its scaled cosine attention fails in open_clip 3.3 itself) run their
+    own forward, bit for bit."""
+    from open_clip.transformer import Transformer
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 64)
+    for kw in ({'qk_norm': True}, {'scale_attn': True, 'scale_heads': True, 'scale_fc': True}):
+        block = Transformer(64, 1, 2, **kw).eval().resblocks[0]
+        assert not fused_attention_block(block)
+        assert torch.equal(vit_block(block, x), block(x))
+
+
+def test_prompted_vit_equals_open_clip_blocks(tiny_cfg, monkeypatch):
+    """TagCLIP with vit_block equals TagCLIP running every frozen block's own forward: mask logits under
+    inference_mode (eval) and, in train mode with the same dropout draws, the gradients to the prompts."""
+    torch.manual_seed(0)
+    model = build_model(replace(tiny_cfg, clip_model='toy_clip'))
+    images, text = torch.randn(2, 3, 64, 80), F.normalize(torch.randn(4, 128), dim=-1)
+
+    def run():
+        with torch.inference_mode():
+            out = model.eval()(images, text)
+        torch.manual_seed(1)
+        model.train().zero_grad()
+        step = model(images, text)
+        (step['pred_masks'].square().mean() + sum(m.mean() for m in step['aux_masks'])).backward()
+        return out, model.prompts.grad.clone(), model.prompt_proj.weight.grad.clone()
+
+    ours, g_prompts, g_proj = run()
+    monkeypatch.setattr(model_py, 'vit_block', lambda block, x, batch_first=True: block(x))
+    theirs, g_prompts_ref, g_proj_ref = run()
+    for a, b in zip([ours['pred_masks'], *ours['aux_masks']], [theirs['pred_masks'], *theirs['aux_masks']]):
+        assert (a - b).abs().max() < 1e-6, (a - b).abs().max()
+    for g, ref in ((g_prompts, g_prompts_ref), (g_proj, g_proj_ref)):
+        assert g.abs().max() > 0 and (g - ref).abs().max() / ref.abs().max() < 1e-5, (g - ref).abs().max() / ref.abs().max()
