@@ -4,8 +4,10 @@ evaluate.py (a dataset), infer.py (a folder of images), train.py (periodic evalu
 benchmark.py all run inference through this file; `add_arguments` / `Settings` are the command-line
 flags evaluate.py and infer.py share, with their defaults (DESIGN §7, §15):
   - geometry: the short side resized to the dataset's size (512) as mmseg does, 512 x 512 windows
-    with stride 426, window scores averaged where windows overlap, then resized bilinearly to the
-    original size, where the labels are (labels are never resized);
+    with stride 426, window scores averaged where windows overlap (a running sum, a batch of windows
+    at a time), then resized bilinearly to the original size, where the labels are (labels are never
+    resized); the resize and its argmax go piece by piece, bit for bit the full resize (upsampled),
+    so memory follows TILE_BYTES and WINDOW_BYTES, not C x H x W;
   - Eq. 12: seen scores minus 0.1 (only for inductive evaluation on the training dataset), then
     weighted by the trusty map (not across datasets).
 Metrics come from one confusion matrix accumulated over the whole set (all-reduced across ranks,
@@ -30,6 +32,8 @@ from runtime import lockstep, rank_world
 
 STRIDE = 426 / 512   # window stride as a fraction of the window (mmseg's 426 for 512)
 CALIBRATION = 0.1    # subtracted from the seen scores in inductive evaluation on the training dataset
+WINDOW_BYTES = 1 << 30  # scores of one batch of windows, (n, C[+1], crop, crop) float32: fewer windows beyond
+TILE_BYTES = 64 << 20   # one piece of the resize to the original size and its argmax (upsampled)
 
 
 def default_stride(crop: int) -> int:
@@ -175,44 +179,109 @@ def window_scores(model, windows, text, seen, calibration=0.0, trusty_weighting=
 
 @torch.no_grad()
 def slide_inference(model, image, text, seen, crop: int, stride: int, chunk: int = 16, **kw):
-    """All windows of one image (3, h, w) as one batch (in chunks of `chunk` to bound memory);
-    overlapping scores averaged. Returns (C[+1], h, w)."""
+    """All windows of one image (3, h, w), `chunk` at a time (fewer when their scores would pass
+    WINDOW_BYTES); each batch's scores are added to a running sum and count as they come, so memory is
+    the (C[+1], h, w) sum plus one batch, however many windows there are. Overlapping scores averaged.
+    Returns (C[+1], h, w)."""
     _, h, w = image.shape
     boxes = window_grid(h, w, crop, stride)
-    windows = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n, 3, crop, crop)
-    scores = torch.cat([window_scores(model, windows[i:i + chunk], text, seen, **kw)
-                        for i in range(0, len(boxes), chunk)])                   # (n, C[+1], crop, crop)
-    total = scores.new_zeros(scores.shape[1], h, w)
-    count = scores.new_zeros(1, h, w)
-    for s, (y1, y2, x1, x2) in zip(scores, boxes):
-        total[:, y1:y2, x1:x2] += s
-        count[:, y1:y2, x1:x2] += 1
-    return total / count
+    chunk = max(1, min(chunk, WINDOW_BYTES // (4 * (text.shape[0] + 1) * min(crop, h) * min(crop, w))))
+    total = count = None
+    for i in range(0, len(boxes), chunk):
+        batch = boxes[i:i + chunk]
+        windows = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in batch])  # (n, 3, crop, crop)
+        scores = window_scores(model, windows, text, seen, **kw)                      # (n, C[+1], crop, crop)
+        if total is None:
+            total, count = scores.new_zeros(scores.shape[1], h, w), scores.new_zeros(1, h, w)
+        for s, (y1, y2, x1, x2) in zip(scores, batch):
+            total[:, y1:y2, x1:x2] += s
+            count[:, y1:y2, x1:x2] += 1
+    return total.div_(count)
 
 
 @torch.no_grad()
-def predict(model, image, text, seen, out_size, mode='slide', crop=512, stride=426, **kw):
-    """Scores (C[+1], H, W) at the original size `out_size` for one normalised, resized image."""
+def image_scores(model, image, text, seen, mode='slide', crop=512, stride=426, **kw):
+    """Scores (C[+1], h, w) of one normalised, resized image (3, h, w), at its size."""
     image = image.to(text.device)
     if mode == 'slide':
-        scores = slide_inference(model, image, text, seen, crop, stride, **kw)
-    else:
-        scores = window_scores(model, image[None], text, seen, **kw)[0]
-    return F.interpolate(scores[None], size=tuple(out_size), mode='bilinear', align_corners=False)[0]
+        return slide_inference(model, image, text, seen, crop, stride, **kw)
+    return window_scores(model, image[None], text, seen, **kw)[0]
 
 
-def upsample_argmax(scores, C: int, size, chunk: int = 32):
-    """predict's last step (bilinear resize to the original size), then the argmax over the C classes,
-    a few channels at a time: memory (chunk, H, W), not (C, H, W). scores (C[+1], h, w) -> label
-    (H, W) and the trusty map A (H, W) or None."""
-    up = lambda s: F.interpolate(s[None], size=tuple(size), mode='bilinear', align_corners=False)[0]
-    best = torch.full(tuple(size), -float('inf'), device=scores.device)
-    label = torch.zeros(tuple(size), dtype=torch.long, device=scores.device)
-    for i in range(0, C, chunk):
-        v, j = up(scores[i:min(i + chunk, C)]).max(0)  # (H, W); ties keep the lower index, as argmax does
-        better = v > best
-        best, label = torch.where(better, v, best), torch.where(better, j + i, label)
-    return label, (up(scores[C:])[0] if scores.shape[0] > C else None)
+@torch.no_grad()
+def predict(model, image, text, seen, out_size, **kw):
+    """Scores (C[+1], H, W) at the original size `out_size`, all in memory at once: for small images.
+    evaluate and infer.py resize and reduce them tile by tile instead (upsample_argmax)."""
+    return upsample(image_scores(model, image, text, seen, **kw), out_size)
+
+
+# ----------------------------------------------------------------------------- to the original size, in tiles
+
+def upsample(scores, size):
+    """Bilinear resize (align_corners=False) of (k, h, w) to (k, *size)."""
+    return F.interpolate(scores[None], size=tuple(size), mode='bilinear', align_corners=False)[0]
+
+
+def channel_chunks(n: int, k: int, split_three: bool = True):
+    """[i, j) ranges of at most k of n channels; split_three: none of exactly three (on one thread
+    PyTorch resizes three channels with its separable kernel, whose results differ in the last bits)."""
+    k, i = max(1, 2 if k == 3 and split_three else k), 0
+    while i < n:
+        j = min(i + k, n)
+        j -= split_three and j - i == 3
+        yield i, j
+        i = j
+
+
+def upsampled(scores, size, budget: int = TILE_BYTES, chunk: int = 32):
+    """upsample(scores, size) in pieces: yields (i, j, c0, c1, u), u (j - i, H, c1 - c0) equal bit for
+    bit to upsample(scores[i:j], size)[:, :, c0:c1], each piece with its argmax about `budget` bytes
+    (4 (k + 4) per pixel of k channels: the scores, the max, its int64 index, the mask).
+    Whole frames of up to `chunk` channels when they fit. Else two passes of the same kernel, which is
+    what it computes, since the bilinear weights of an unchanged axis are exactly 1 and 0: across, rows
+    unchanged (k, h, W); then down, columns unchanged, on strips of columns. Each pass spans the whole
+    axis it resizes, so its source indices and weights are those of the full resize. PyTorch resizes
+    outputs of H + W <= 128 pixels with its separable kernel, whose last bits depend on how channels
+    are grouped: those stay whole frames of `chunk` channels."""
+    n, h, w = scores.shape
+    H, W = size
+    fit = budget // (4 * H * W) - 4
+    if fit >= 1 or H + W <= 128 or h + W <= 128:
+        k = max(1, min(chunk, fit)) if H + W > 128 else chunk
+        for i, j in channel_chunks(n, k, split_three=H + W > 128):
+            yield i, j, 0, W, upsample(scores[i:j], size)
+        return
+    narrowest = min(W, max(1, 129 - H))  # a strip H x s takes the generic kernel when H + s > 128
+    k = max(1, min(chunk, budget // 2 // (4 * h * W), budget // 2 // (4 * H * narrowest) - 4))
+    for i, j in channel_chunks(n, k):
+        across = upsample(scores[i:j], (h, W))                                      # (k, h, W)
+        strips = max(1, W // max(narrowest, budget // 2 // (4 * (j - i + 4) * H)))
+        edges = [W * q // strips for q in range(strips + 1)]
+        for c0, c1 in zip(edges, edges[1:]):
+            yield i, j, c0, c1, upsample(across[:, :, c0:c1].contiguous(), (H, c1 - c0))  # (k, H, c1 - c0)
+
+
+def upsample_argmax(scores, C: int, size, budget: int = TILE_BYTES):
+    """predict's last step (bilinear resize to the original size) and the argmax over the C classes,
+    piece by piece (`upsampled`): memory ~`budget` beside the results, not C x H x W. Ties keep the
+    lower index, as argmax does. scores (C[+1], h, w) -> label (H, W) uint8 (int32 above 256 classes)
+    and the trusty map A (H, W) float32 or None."""
+    H, W = size
+    best = torch.full((H, W), -float('inf'), device=scores.device)
+    label = torch.zeros((H, W), dtype=torch.uint8 if C <= 256 else torch.int32, device=scores.device)
+    for i, _, c0, c1, u in upsampled(scores[:C], size, budget):
+        v, k = u.max(0)                          # (H, c1 - c0): the first of equal maxima, as argmax
+        b, l = best[:, c0:c1], label[:, c0:c1]   # views: written in place
+        better = v > b                           # strictly: ties keep the earlier chunk
+        b.copy_(torch.where(better, v, b))
+        l.copy_(torch.where(better, (k + i).to(label.dtype), l))
+    if scores.shape[0] == C:
+        return label, None
+    del best
+    A = torch.empty((H, W), device=scores.device)
+    for _, _, c0, c1, u in upsampled(scores[C:C + 1], size, budget):
+        A[:, c0:c1] = u[0]
+    return label, A
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -255,7 +324,8 @@ def eval_loader(dataset, workers=0, persistent=False):
 @torch.no_grad()
 def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, text=None, **kw):
     """Confusion matrix over the whole `dataset` (or an `eval_loader` of it), all-reduced; the text is
-    embedded once (or given: `text` (C, d)). kw: `predict`'s. Returns compute_metrics(...) + 'confusion'."""
+    embedded once (or given: `text` (C, d)). kw: `predict`'s. Scores are resized to the labels' size and
+    reduced to labels piece by piece (upsample_argmax), never C x H x W at once. Returns compute_metrics(...) + 'confusion'."""
     model.eval()
     rank, world = rank_world()
     device = next(model.parameters()).device
@@ -267,12 +337,14 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
     trusty = torch.zeros(2, 2, dtype=torch.long, device=device)  # rows: unseen/seen pixel; cols: A <= / > 0.5
     for sample in tqdm(lockstep(loader, device), desc='eval', total=len(loader),
                        disable=not (progress and rank == 0), dynamic_ncols=True):
-        label = sample['label'].to(device)
-        scores = predict(model, sample['image'], text, seen, label.shape[-2:], **kw)  # (C[+1], H, W)
-        conf += confusion_matrix(scores[:C].argmax(0), label, C)
-        if scores.shape[0] > C:  # the trusty map A: is it right about which pixels are seen?
+        label = sample['label'].to(device)                                    # (H, W)
+        scores = image_scores(model, sample['image'], text, seen, **kw)       # (C[+1], h, w)
+        pred, A = upsample_argmax(scores, C, label.shape[-2:])                # (H, W), tile by tile
+        del scores
+        conf += confusion_matrix(pred, label, C)
+        if A is not None:  # the trusty map A: is it right about which pixels are seen?
             keep = label != IGNORE_INDEX
-            trusty += confusion_matrix(scores[C][keep] > 0.5, seen[label[keep]], 2)
+            trusty += confusion_matrix(A[keep] > 0.5, seen[label[keep]], 2)
     if world > 1:
         dist.all_reduce(conf)
         dist.all_reduce(trusty)

@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from checkpoint import build_model
+import inference
 from inference import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
-                      slide_inference, window_grid, window_scores)
+                       slide_inference, upsample_argmax, upsampled, window_grid, window_scores)
 from model import TagCLIPConfig
 from runtime import cpu_threads
 from tests.conftest import TINY_CLIP
@@ -84,6 +85,72 @@ def test_batched_slide_equals_window_loop():
             count[:, y1:y2, x1:x2] += 1
     assert batched.shape == (4, 64, 112) and (count > 0).all()
     assert torch.allclose(batched, total / count, atol=1e-5)
+
+
+def stacked_slide(model, image, text, seen, crop, stride, chunk=16, **kw):
+    """The slide inference before the running sum: every window, then every window's scores, stacked."""
+    _, h, w = image.shape
+    boxes = window_grid(h, w, crop, stride)
+    windows = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+    scores = torch.cat([window_scores(model, windows[i:i + chunk], text, seen, **kw) for i in range(0, len(boxes), chunk)])
+    total, count = scores.new_zeros(scores.shape[1], h, w), scores.new_zeros(1, h, w)
+    for s, (y1, y2, x1, x2) in zip(scores, boxes):
+        total[:, y1:y2, x1:x2] += s
+        count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+def test_running_sum_equals_stacked_windows(monkeypatch):
+    """Windows a batch at a time into a running sum: the stacked result bit for bit, with batches of
+    at most `chunk` windows, and fewer when their scores would pass WINDOW_BYTES."""
+    model, image = make_model(), torch.randn(3, 50, 123)  # 2 x 4 windows of 40, stride 29
+    text, seen = model.encode_text(NAMES), torch.tensor(SEEN)
+    kw = dict(calibration=0.1, trusty_weighting=True, polarity='unseen')
+    batches = []
+    monkeypatch.setattr(inference, 'window_scores', lambda m, x, *a, **k: batches.append(len(x)) or window_scores(m, x, *a, **k))
+    with torch.no_grad():
+        old = stacked_slide(model, image, text, seen, 40, 29, chunk=3, **kw)
+    new = slide_inference(model, image, text, seen, crop=40, stride=29, chunk=3, **kw)
+    assert len(window_grid(50, 123, 40, 29)) == 8 and batches == [3, 3, 2] and torch.equal(new, old)
+    monkeypatch.setattr(inference, 'WINDOW_BYTES', 2 * 4 * 4 * 40 * 40)  # two windows of 3 classes + A
+    batches.clear()
+    assert torch.allclose(slide_inference(model, image, text, seen, crop=40, stride=29, chunk=3, **kw), old, atol=1e-6)
+    assert batches == [2] * 4
+
+
+def old_upsample_argmax(scores, C, size, chunk=32):
+    """upsample_argmax before the tiles: (chunk, H, W) frames of 32 classes, then A alone."""
+    up = lambda s: F.interpolate(s[None], size=tuple(size), mode='bilinear', align_corners=False)[0]
+    best, label = torch.full(tuple(size), -float('inf')), torch.zeros(tuple(size), dtype=torch.long)
+    for i in range(0, C, chunk):
+        v, j = up(scores[i:min(i + chunk, C)]).max(0)
+        better = v > best
+        best, label = torch.where(better, v, best), torch.where(better, j + i, label)
+    return label, (up(scores[C:])[0] if scores.shape[0] > C else None)
+
+
+@pytest.mark.parametrize('c,h,w,H,W', [(27, 37, 53, 301, 443), (35, 64, 85, 481, 97), (5, 64, 64, 1000, 7),
+                                       (6, 3, 512, 11, 1003), (9, 64, 900, 48, 1320), (4, 20, 30, 300, 5),
+                                       (27, 64, 85, 40, 50), (172, 17, 23, 131, 197)])
+def test_tiled_upsample_argmax_equals_full(c, h, w, H, W):
+    """Resized and reduced piece by piece within a small budget: the labels and A of the full-size
+    resize bit for bit, on odd sizes, enlarging and shrinking, with ties (equal classes keep the lower
+    index); the pieces are many and small. Outputs of H + W <= 128 px (PyTorch's separable kernel,
+    whose last bits depend on the channel grouping) equal the old chunking's."""
+    g = torch.Generator().manual_seed(c + H)
+    scores = torch.randn(c, h, w, generator=g)
+    scores[:, : h // 3] = scores[0, : h // 3]  # a band of ties across all classes
+    budget = 8 * H * W  # two channels' worth: whole frames do not fit
+    label, A = upsample_argmax(scores, c - 1, (H, W), budget)
+    if H + W > 128:
+        full = F.interpolate(scores[None], size=(H, W), mode='bilinear', align_corners=False)[0]
+        expected, expected_A = full[:c - 1].argmax(0), full[c - 1]
+        pieces = [u.numel() for *_, u in upsampled(scores, (H, W), budget)]
+        assert len(pieces) > 1 and max(pieces) * 4 <= max(budget, 4 * H * max(1, 129 - H))
+        assert (label[: H * (h // 3 - 1) // h] == 0).all()  # ties: the lowest index
+    else:
+        expected, expected_A = old_upsample_argmax(scores, c - 1, (H, W))
+    assert label.dtype == torch.uint8 and torch.equal(label.long(), expected) and torch.equal(A, expected_A)
 
 
 def test_text_encoded_once_per_evaluation():

@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 
 from checkpoint import load_model
 from data import eval_transform
-from inference import predict
+from inference import image_scores, predict
 from tests.conftest import TINY_CLIP
 from toy import generate_world
 
@@ -51,6 +51,7 @@ def ckpt(tmp_path_factory):
     train.main(['--dataset', 'toy', '--data-root', str(root), '--toy-images', '4', '1', '--clip-model', 'tiny_test_clip',
                 '--pretrained', str(out / 'clip.pt'), '--n-prompts', '2', '--heads', '4', '--workers', '0',
                 '--out-dir', str(out), '--batch-size', '2', '--iters', '1', '--warmup', '1', '--no-eval'])
+    torch.set_num_threads(1)  # train.py sets the threads to the cores: back to one_thread's
     return out / 'last.pt'
 
 
@@ -77,6 +78,16 @@ def photos(tmp_path_factory):
 
 def run(ckpt, photos, out, *extra):
     return infer.main(['--checkpoint', str(ckpt), '--input', str(photos), '--output', str(out), *extra])
+
+
+def peak_rss_mb(fn):
+    """fn() and how far above the resident memory before it the process's peak went (MB): the peak
+    (VmHWM) is reset to the current resident size first (Linux: /proc/self/clear_refs)."""
+    status = lambda key: int(next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key)).split()[1])
+    Path('/proc/self/clear_refs').write_text('5')
+    before = status('VmRSS:')
+    result = fn()
+    return result, (status('VmHWM:') - before) // 1024
 
 
 @pytest.fixture(scope='module')
@@ -114,11 +125,85 @@ def test_folder_of_odd_images(first):
     assert not list(out.rglob('*.tmp'))
 
 
+def huge_images(d, photos):
+    """Files that stopped a run or took gigabytes, each a few KB, beside two ordinary ones."""
+    d.mkdir()
+    for name in ('grey.png', 'rotated.jpg'):
+        (d / name).write_bytes((photos / name).read_bytes())
+    stripes = np.arange(66000) // 300 % 2 * 255
+    Image.fromarray(np.tile(stripes.astype(np.uint8), (48, 1))).save(d / 'wide.png')  # overlay beyond JPEG
+    bits = Image.new('1', (8000, 8000))
+    bits.paste(1, (1000, 2000, 5000, 7000))
+    bits.save(d / 'bits.png')                                                           # 64 MP
+    Image.new('RGB', (12096, 1), 'gray').save(d / 'strip.bmp')                       # 16 x 193536 at short side 16
+    small = io.BytesIO()
+    Image.new('RGB', (16, 16), 'red').save(small, 'JPEG')
+    jpeg = bytearray(small.getvalue())
+    sof = jpeg.index(b'\xff\xc0')
+    jpeg[sof + 5:sof + 9] = (9000).to_bytes(2, 'big') * 2                              # the header claims 9000 x 9000
+    (d / 'claims.jpg').write_bytes(bytes(jpeg))
+
+
+@pytest.mark.skipif(not Path('/proc/self/clear_refs').exists(), reason='measures memory through Linux /proc')
+def test_huge_images_within_budget(ckpt, photos, tmp_path, capsys):
+    """A 66000 x 48 PNG (its overlay is wider than JPEG allows: written as PNG, and said so), an 8000 x
+    8000 1-bit PNG and a JPEG claiming 9000 x 9000 (over --max-pixels: skipped from the header), a
+    12096 x 1 BMP (its scores at the inference size over --max-score-gb: skipped), beside ordinary
+    images: the run goes on, no partial outputs, its peak memory less than 500 MB above where it started
+    (~250 MB here; the 1-bit PNG alone took 4.7 GB, then the wide one ended the run). A rerun finds the finished
+    ones, the PNG overlay among them; with --downscale the 1-bit PNG is shrunk to --max-pixels and
+    the strip inferred at a smaller size."""
+    huge_images(tmp_path / 'in', photos)
+    out, flags = tmp_path / 'out', ['--short', '16', '--max-score-gb', '0.1', '--save-trusty']  # budgets of a test's size
+    summary, peak = peak_rss_mb(lambda: run(ckpt, tmp_path / 'in', out, *flags))
+    reasons = {s['file']: s['reason'] for s in summary['skipped']}
+    assert reasons == {'bits.png': '8000 x 8000 = 64.0 MP, over --max-pixels 40 MP (--downscale shrinks it)',
+                       'claims.jpg': '9000 x 9000 = 81.0 MP, over --max-pixels 40 MP (--downscale shrinks it)',
+                       'strip.bmp': 'at the inference size 193536 x 16 px (short side 16) its 27 score maps would take '
+                                    '0.3 GB, over --max-score-gb 0.1 (--downscale infers at a smaller size)'}
+    assert set(summary['images']) == {'grey.png', 'rotated.jpg', 'wide.png'} and peak < 500, peak
+    wide = summary['images']['wide.png']
+    assert wide['overlay'] == 'wide.png.overlay.png' and "over JPEG's 65,500 px: written as PNG" in wide['notes'][0]
+    assert f'note {tmp_path}/in/wide.png: overlay' in capsys.readouterr().err and Image.open(out / 'wide.png.overlay.png').width > 65500
+    assert np.asarray(Image.open(out / 'wide.png.label.png')).shape == (48, 66000)
+    written = {p.name for p in out.iterdir()} - {'summary.json'}
+    assert written == {f'{name}.{tag}' for name in summary['images'] for tag in ('label.png', 'trusty.png')} | {
+        'grey.png.overlay.jpg', 'rotated.jpg.overlay.jpg', 'wide.png.overlay.png'}  # nothing of the skipped ones
+    summary, peak = peak_rss_mb(lambda: run(ckpt, tmp_path / 'in', out, *flags, '--downscale', '--max-pixels', '1e6',
+                                            '--max-score-gb', '0.01'))
+    assert peak < 500, peak
+    assert summary['up_to_date'] == 3 and summary['processed'] == 3 and summary['images']['wide.png'] == wide
+    for name, side in (('bits.png', 8000), ('claims.jpg', 9000)):  # the JPEG decoded at 1/8 scale, libjpeg filling in
+        assert Image.open(out / f'{name}.label.png').size == (1000, 1000)
+        assert summary['images'][name]['notes'] == [f'shrunk from {side} x {side} to 1000 x 1000 px to fit --max-pixels 1 MP; '
+                                                    'outputs at that size']
+    assert summary['images']['strip.bmp']['notes'] == ['inferred at 24192 x 2 px (short side 2, not 16) to fit --max-score-gb 0.01']
+    assert Image.open(out / 'strip.bmp.label.png').size == (12096, 1)
+
+
+def test_a_failed_write_skips_that_image_only(ckpt, photos, tmp_path, monkeypatch):
+    """An error while writing one image's outputs (a full disk, say) skips it with the reason and
+    removes what it had written; the others are done; a rerun redoes only it."""
+    label_png = infer.label_png
+    def failing(label, colours):
+        if label.shape == (40, 50):  # grey.png
+            raise OSError(28, 'No space left on device')
+        return label_png(label, colours)
+    monkeypatch.setattr(infer, 'label_png', failing)
+    summary = run(ckpt, photos, tmp_path, '--save-trusty')
+    assert {s['file']: s['reason'] for s in summary['skipped']}['grey.png'] == 'failed ([Errno 28] No space left on device)'
+    assert summary['processed'] == len(GOOD) - 1 and not list(tmp_path.glob('grey.png*'))  # trusty, overlay: removed
+    assert (tmp_path / 'cmyk.jpg.label.png').exists()
+    monkeypatch.setattr(infer, 'label_png', label_png)
+    summary = run(ckpt, photos, tmp_path, '--save-trusty')
+    assert summary['processed'] == 1 and summary['up_to_date'] == len(GOOD) - 1 and 'grey.png' in summary['images']
+
+
 def test_restart_does_no_model_work(first, ckpt, photos, monkeypatch, capsys):
     out, _ = first
     before = json.loads((out / 'summary.json').read_text())
     calls = []
-    monkeypatch.setattr(infer, 'predict', lambda *a, **k: calls.append(1) or predict(*a, **k))
+    monkeypatch.setattr(infer, 'image_scores', lambda *a, **k: calls.append(1) or image_scores(*a, **k))
     summary = run(ckpt, photos, out)
     assert calls == [] and f'0 processed, {len(GOOD)} up to date' in capsys.readouterr().out
     assert summary['images'] == before['images'] and {s['file'] for s in summary['skipped']} == BAD
