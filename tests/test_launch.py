@@ -131,7 +131,7 @@ def test_two_nodes_of_one_process(setup, tmp_path):
     runs = launch()
     assert [p.returncode for p, _, _ in runs] == [0, 0], runs[0][2][-3000:] + runs[1][2][-3000:]
     wrote = [sorted(f.name for f in (tmp_path / f'node{k}' / 'run').glob('*')) for k in range(2)]
-    main = wrote.index(['best.pt', 'last.pt', 'log.jsonl', 'metrics.json'])  # the node that got global rank 0
+    main = wrote.index(['best.pt', 'config.json', 'last.pt', 'log.jsonl', 'metrics.json'])  # the global rank 0 node
     assert wrote[1 - main] == []  # rank 1 made no folder and wrote nothing
     assert 'hIoU' in runs[main][1] and 'hIoU' not in runs[1 - main][1]  # the metrics table: rank 0 only
     m = json.loads((tmp_path / f'node{main}' / 'run' / 'metrics.json').read_text())
