@@ -17,7 +17,8 @@ Builds TagCLIP with random weights (no download) and measures, for one S x S ima
   - peak memory per variant (CUDA max allocated, or process peak RSS on CPU) and the working memory
     above what was in use before the call (for sliding inference: the whole-image path's).
 
-    python benchmark.py                                    # ViT-B-16, CPU, 512 x 512, ~8 min on 2 cores
+    python benchmark.py                                    # ViT-B-16, CPU, 512 x 512, training rows included
+    python benchmark.py --train-batch 0                    # without the training rows: less than half the time
     python benchmark.py --device cuda --repeats 50 --warmup 5
     python benchmark.py --clip-model tiny_test_clip --size 64 --repeats 2 --classes 5   # smoke test
 """
