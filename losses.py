@@ -64,7 +64,7 @@ class TagCLIPLoss(nn.Module):
         valid = label != IGNORE_INDEX                                              # (B, H, W)
         classes = torch.arange(C, device=label.device).view(1, C, 1, 1)      # (1, C, 1, 1)
         target = (label.unsqueeze(1) == classes).flatten(2).float()          # (B, C, HW) one-hot G_R
-        present = target.sum(-1) > 0                                         # (B, C)
+        present = target.sum(-1) > 0                                         # (B, C), as present_classes
         num_masks = self.num_masks(present) if num_masks is None else num_masks
 
         if self.ignore_mode == 'exclude':
@@ -104,6 +104,11 @@ class TagCLIPLoss(nn.Module):
             losses.update({k + suffix: v for k, v in terms.items()})
         losses['loss'] = total
         return losses
+
+    @staticmethod
+    def present_classes(label, C: int):
+        """(B, C) bool: the classes each label map (B, H, W) holds, the pairs num_masks counts."""
+        return (label.unsqueeze(1) == torch.arange(C, device=label.device).view(1, C, 1, 1)).flatten(2).any(-1)
 
     @staticmethod
     def num_masks(present):

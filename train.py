@@ -534,8 +534,9 @@ def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels
         with nullcontext() if last or not isinstance(ddp, DistributedDataParallel) else ddp.no_sync():
             losses, present = micro_step(ddp, criterion, scaler, amp, x, y, text, luts, unseen_ids, step,
                                          summed=len(parts) > 1)
-        summed = {k: summed.get(k, 0) + v.detach() for k, v in losses.items()}
-        presents.append(present)
+        if len(parts) > 1:
+            summed = {k: summed.get(k, 0) + v.detach() for k, v in losses.items()}
+            presents.append(present)
     if len(parts) > 1:  # the losses were sums over masks: one division for the whole batch
         num_masks = criterion.num_masks(torch.cat(presents))
         for group in optimizer.param_groups:
@@ -551,7 +552,8 @@ def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels
 
 def micro_step(ddp, criterion, scaler, amp, images, labels, text, luts, unseen_ids, step, summed):
     """Forward and backward of one (micro-)batch. summed: the loss terms as sums over the masks
-    (gradient accumulation), else divided by the batch's mask count. Returns (losses, mask pairs)."""
+    (gradient accumulation), else divided by the batch's mask count. Returns (losses, the (B, C) present
+    classes when summed, else None: the loss counts its own)."""
     to_vocab, is_unseen = luts
     label, unseen_px = to_vocab[labels], is_unseen[labels]
     device = images.device
@@ -560,7 +562,7 @@ def micro_step(ddp, criterion, scaler, amp, images, labels, text, luts, unseen_i
     if unseen_ids:
         label = pseudo_label(outputs['pred_masks'], label, unseen_px, unseen_ids)
     C = outputs['pred_masks'].shape[1] - int(criterion.trusty)
-    present = (label.unsqueeze(1) == torch.arange(C, device=device).view(1, C, 1, 1)).flatten(2).any(-1)  # (B, C)
+    present = criterion.present_classes(label, C) if summed else None  # (B, C)
     losses = criterion(outputs, label, unseen_px if criterion.trusty else None, 1.0 if summed else None)  # num_masks
     bad = [k for k, v in losses.items() if not torch.isfinite(v)]
     if bad:
