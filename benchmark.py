@@ -242,7 +242,7 @@ def main(argv=None):
     # sharing one frozen CLIP; the bare tower runs that same CLIP
     base = dict(clip_model=args.clip_model, pretrained=None, n_prompts=args.n_prompts)
     tag = build_model(TagCLIPConfig(**base)).to(device).eval()
-    zeg = build_model(TagCLIPConfig(**base, trusty=False)).eval()
+    zeg = build_model(TagCLIPConfig(**base, trusty=False, trusty_learner=False)).eval()
     params = {'trusty': count_params(tag), 'no_trusty': count_params(zeg)}
     zeg.clip = tag.clip
     zeg.to(device)

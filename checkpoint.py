@@ -79,6 +79,8 @@ def read_checkpoint(path, needs=('config', 'model'), what='a checkpoint of this 
         unknown = set(ckpt['config']) - set(TagCLIPConfig.__dataclass_fields__) if isinstance(ckpt['config'], dict) else {'?'}
         if unknown:
             raise SystemExit(f"error: {path}: not {what} (unknown config fields {sorted(map(str, unknown))[:5]})")
+        if not ckpt['config'].get('trusty', True) and not any(k.startswith('trusty_learner.') for k in ckpt['model']):
+            ckpt['config']['trusty_learner'] = False  # written when trusty=False implied no Trusty Learner
     return ckpt
 
 

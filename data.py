@@ -232,7 +232,8 @@ DATASETS = {d.name: d for d in (
                 reader=_read_voc, crop=512, eval_short=512, templates='single', n_prompts=10, iters=20000),
     DatasetInfo(name='coco_stuff', classes=COCO_STUFF_CLASSES, unseen=COCO_STUFF_UNSEEN, n_classes=171,
                 layout='coco_stuff164k/{images,annotations}/{train2017,val2017}',
-                reader=_read_coco, crop=512, eval_short=512, templates='ensemble', n_prompts=100, iters=80000),
+                reader=_read_coco, crop=512, eval_short=512, templates='ensemble', n_prompts=100, iters=80000,
+                recipe=dict(phase2_batch_size=8)),  # their transductive second job: 8 GPUs x 1
     # Context is only a cross-dataset target in the paper; 40k is mmseg's Context schedule.
     DatasetInfo(name='context59', classes=CONTEXT59_CLASSES, unseen=(), n_classes=59,
                 layout='VOCdevkit/VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext}',

@@ -57,8 +57,8 @@ class TagCLIPConfig:
     n_prompts: int = 10                 # deep visual prompts per layer (100 for COCO-Stuff)
     decoder_layers: int = 3             # ATM layers
     heads: int = 8
-    trusty: bool = True                 # trusty token t_A; False = ZegCLIP (no token, no self-attention)
-    trusty_learner: bool = True         # self-attention across the C+1 queries (Eq. 5); needs trusty
+    trusty: bool = True                 # trusty token t_A (False, with trusty_learner False: ZegCLIP)
+    trusty_learner: bool = True         # self-attention across the queries (Eq. 5): C classes [+ t_A]
     prompt_dropout: float = 0.1
     dropout: float = 0.1                # decoder: attention weights, residual branches, FFN
     templates: str = 'single'           # 'single' or 'ensemble' (DESIGN §1)
@@ -151,7 +151,7 @@ class TagCLIP(nn.Module):
         # DESIGN §3-5 decoder: trusty token, relationship descriptor, Trusty Learner, ATM layers
         self.trusty_token = nn.Parameter(torch.empty(1, d)) if cfg.trusty else None  # t_A, (1, d)
         self.descriptor = nn.Linear(2 * d, d)  # Eq. 4
-        self.trusty_learner = TrustyLearner(d, cfg.heads, cfg.dropout) if cfg.trusty and cfg.trusty_learner else None
+        self.trusty_learner = TrustyLearner(d, cfg.heads, cfg.dropout) if cfg.trusty_learner else None
         self.decoder = nn.ModuleList(ATMLayer(d, cfg.heads, cfg.dropout) for _ in range(cfg.decoder_layers))
         for p in self.decoder_parameters():  # DESIGN §11: Xavier-uniform on every >1-dim decoder parameter
             if p.dim() > 1:

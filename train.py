@@ -4,9 +4,9 @@
     torchrun --nproc_per_node 8 train.py --dataset voc --data-root data/VOCdevkit/VOC2012
 
 Settings: inductive zero-shot (default; unseen pixels ignored, vocabulary = seen classes),
-transductive (second half self-trains on pseudo labels for the masked unseen pixels), fully
-supervised. Checkpoints are plain dicts written atomically on rank 0; `--resume auto` continues
-exactly where a run stopped.
+transductive (the authors' two jobs: the inductive model for half its schedule, then a fresh schedule
+that self-trains on pseudo labels for the masked unseen pixels), fully supervised. Checkpoints are
+plain dicts written atomically on rank 0; `--resume auto` continues exactly where a run stopped.
 """
 
 import argparse
@@ -41,7 +41,7 @@ from runtime import (HelpFormatter, agreed_exit, atomic_write, cpu_threads, firs
 # then what the command line says. Strings are formatted with the dataset and the setting.
 RECIPE = dict(batch_size=16, lr=2e-4, warmup=1500, eval_every=2000, workers=4, trusty_loss='focal',
               ratio_range=(0.5, 2.0), photometric='on', trusty_alpha=0.25, clip_model='ViT-B-16',
-              normalize='imagenet', save_best='off',
+              normalize='imagenet', save_best='off', phase2_batch_size=None,
               data_root=None, out_dir='runs/{dataset}-{setting}')
 
 
@@ -77,8 +77,9 @@ def get_args(argv=None):
     a('--data-root', help='dataset folder in the mmseg layout; the toy world is generated there '
                           + shown_default('data_root', none='required'))
     a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'],
-      help='inductive: zero-shot, unseen pixels ignored; transductive: from half-way also self-trains on pseudo '
-           'labels of the unseen pixels; fully: supervised on every class')
+      help='inductive: zero-shot, unseen pixels ignored; transductive: phase 1 the inductive model for half of '
+           '--iters (in OUT/phase1), phase 2 a fresh schedule of the other half that also self-trains on pseudo '
+           'labels of the unseen pixels (OUT/phase2; --init-from: phase 2 alone); fully: supervised on every class')
     a('--out-dir', help=f"checkpoints, log.jsonl and metrics.json {shown_default('out_dir')}")
     a('--workers', type=int, help=f"data loader processes per rank {shown_default('workers')}")
     a('--crop', type=int, help=f"train crop {shown_default('crop')}")
@@ -99,8 +100,9 @@ def get_args(argv=None):
     a('--heads', type=int, default=8, help='attention heads of the decoder and the Trusty Learner')
     a('--dropout', type=float, default=0.1, help='decoder dropout')
     a('--prompt-dropout', type=float, default=0.1, help='dropout on the deep visual prompts')
-    a('--trusty', default='auto', choices=['auto', 'on', 'off'],
-      help='trusty token (auto: on, except VOC transductive and fully supervised VOC/toy)')
+    a('--trusty', default='auto', choices=['auto', 'on', 'off', 'no-token'],
+      help='trusty token and Trusty Learner; no-token: the self-attention across the class queries only '
+           '(auto: on, except no-token in VOC transductive phase 2, off fully supervised on VOC/toy)')
     a('--no-trusty', dest='trusty', action='store_const', const='off', help='= --trusty off: exactly ZegCLIP')
     a('--no-trusty-learner', action='store_true', help='keep the token, drop the self-attention (Tab. 1b)')
     a('--templates', choices=['single', 'ensemble'], help=f"prompt templates {shown_default('templates')}")
@@ -119,6 +121,8 @@ def get_args(argv=None):
     a = p.add_argument_group('optimisation').add_argument
     a('--iters', type=int, help=f"train iterations {shown_default('iters')}")
     a('--batch-size', type=int, help=f"global batch, split over ranks {shown_default('batch_size')}")
+    a('--phase2-batch-size', type=int, help='global batch of the transductive phase 2 '
+                                            + shown_default('phase2_batch_size', none='default: --batch-size'))
     a('--micro-batch', type=int, help='images per forward and backward on each rank; the rest of its share of '
                                       'the batch is gradient accumulation, the same gradient (default: its whole share)')
     a('--lr', type=float, help=f"AdamW lr for every trainable parameter {shown_default('lr')}")
@@ -137,7 +141,8 @@ def get_args(argv=None):
     a('--eval-every', type=int, help=f"evaluate and checkpoint every N steps {shown_default('eval_every')}")
     a('--log-every', type=int, default=20, help='log the losses every N steps')
     a('--resume', help="checkpoint to continue exactly, or 'auto' (latest in --out-dir)")
-    a('--init-from', help='start from these weights with a fresh schedule (two-stage transductive)')
+    a('--init-from', help='start from these weights with a fresh schedule (transductive: phase 2 alone, from any '
+                          'inductive checkpoint of the same dataset)')
     a('--calibration', type=float, help='seen-score calibration at evaluation (default: 0.1 inductive, else 0)')
     a('--no-eval', action='store_true', help='skip evaluation (checkpoints only)')
     a('--save-best', choices=['on', 'off'],
@@ -159,10 +164,10 @@ def apply_defaults(args):
             setattr(args, k, v.format(dataset=args.dataset, setting=args.setting) if isinstance(v, str) else v)
     if args.weight_focal is None:  # before 'auto' resolves: only an explicit --no-trusty trains as ZegCLIP did
         args.weight_focal = 100.0 if args.trusty == 'off' else 20.0
-    if args.trusty == 'auto':
-        off = (args.setting == 'transductive' and args.dataset == 'voc') or \
-              (args.setting == 'fully' and args.dataset != 'coco_stuff')
-        args.trusty = 'off' if off else 'on'
+    if args.trusty == 'auto' and args.setting != 'transductive':  # transductive: per phase (jobs)
+        args.trusty = 'off' if args.setting == 'fully' and args.dataset != 'coco_stuff' else 'on'
+    args.phase2_batch_size = args.phase2_batch_size or args.batch_size
+    args.phase, args.stop_at = None, args.iters  # jobs() sets them for the transductive phases
     if args.data_root is None:
         raise SystemExit(f'--data-root is required for --dataset {args.dataset}')
     return args
@@ -173,7 +178,8 @@ def model_config(args):
     --pretrained 'none' translated."""
     kw = {f.name: getattr(args, f.name) for f in fields(TagCLIPConfig) if hasattr(args, f.name)}
     kw.update(pretrained=None if args.pretrained == 'none' else args.pretrained, trusty=args.trusty == 'on',
-              trusty_learner=not args.no_trusty_learner, imagenet_mean_std=args.normalize == 'imagenet',
+              trusty_learner=args.trusty in ('on', 'no-token') and not args.no_trusty_learner,
+              imagenet_mean_std=args.normalize == 'imagenet',
               fp32_inference=args.amp == 'off')
     return TagCLIPConfig(**kw)
 
@@ -231,9 +237,28 @@ def label_luts(classes, unseen, vocabulary, device):
     return to_vocab.to(device), is_unseen.to(device)
 
 
-def vocabulary_at(step, args):
-    """'seen' classes only; in the transductive setting 'all' classes from the half-way step on."""
-    return 'all' if args.setting == 'transductive' and step >= args.iters // 2 else 'seen'
+def jobs(args):
+    """What the run trains: itself, or the authors' two transductive jobs (DESIGN §6). Phase 1, in
+    OUT/phase1: the inductive model (trusty token on), its poly schedule over --iters stopped half-way.
+    Phase 2, in OUT/phase2: from phase 1's last.pt, a fresh warm-up + poly schedule over the other half
+    that self-trains on all classes, at --phase2-batch-size; VOC's model drops the trusty token and keeps
+    the self-attention across the class queries. --init-from (or a phase-2 checkpoint to resume) starts
+    at phase 2."""
+    if args.setting != 'transductive':
+        return [args]
+    out, auto = Path(args.out_dir), args.trusty == 'auto'
+    phase2 = argparse.Namespace(**{**vars(args), 'phase': 2, 'out_dir': str(out / 'phase2'),
+                                   'iters': args.iters - args.iters // 2, 'batch_size': args.phase2_batch_size,
+                                   'trusty': ('no-token' if args.dataset == 'voc' else 'on') if auto else args.trusty})
+    phase2.stop_at = phase2.iters
+    started = Path(phase2.out_dir, 'last.pt').is_file() if args.resume == 'auto' else \
+        bool(args.resume) and read_checkpoint(args.resume)['args'].get('phase') == 2
+    if args.init_from or started:
+        return [phase2]
+    phase1 = argparse.Namespace(**{**vars(args), 'phase': 1, 'setting': 'inductive', 'out_dir': str(out / 'phase1'),
+                                   'stop_at': args.iters // 2, 'trusty': 'on' if auto else args.trusty})
+    phase2.init_from, phase2.resume = str(out / 'phase1' / 'last.pt'), args.resume and 'auto'
+    return [phase1, phase2]
 
 
 @torch.no_grad()
@@ -312,10 +337,26 @@ def main(argv=None):
 
 
 def train(args):
-    """The run top-down: this process, the checkpoint it starts from, the data, the model and its
-    optimiser; then train_step until --iters, with evaluate_and_save every --eval-every steps."""
+    """This process, then each job of the run (one; transductive: two phases). Returns the last
+    job's metrics."""
     rank, world, device = setup_process(args)
+    for job in jobs(args):
+        metrics = train_job(job, rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def train_job(args, rank, world, device):
+    """One job top-down: its seeds and run folder, the checkpoint it starts from, the data, the model
+    and its optimiser; then train_step until --iters (a phase 1: half-way), with evaluate_and_save
+    every --eval-every steps."""
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     out_dir = Path(args.out_dir)
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record_recipe(args, world)
     classes, unseen = class_split(args)
     seen = [c for c in classes if c not in unseen]
     resume, ckpt, cfg = open_checkpoint(args, model_config(args), out_dir, world)
@@ -333,29 +374,29 @@ def train(args):
     ddp = DistributedDataParallel(model, static_graph=not accumulate, find_unused_parameters=accumulate) \
         if world > 1 else model
     loader, val_loader = make_loaders(args, train_set, val_set, model, rank, world, device, step)
-    text = {'seen': model.encode_text(seen), 'all': model.encode_text(classes)}  # once per vocabulary
-    luts = {'seen': label_luts(classes, unseen, seen, device), 'all': label_luts(classes, unseen, classes, device)}
-    unseen_ids = [classes.index(c) for c in unseen]
+    vocab = classes if args.setting == 'transductive' else seen  # self-training: every class by name
+    text, luts = model.encode_text(vocab), label_luts(classes, unseen, vocab, device)
+    unseen_ids = [classes.index(c) for c in unseen] if args.setting == 'transductive' else []
     run_eval, state = make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, scheduler, scaler,
                                           amp, classes, seen, unseen, val_loader, world)
 
     model.train()
     log = open_log(out_dir / 'log.jsonl', step) if is_main() else None
-    bar = tqdm(total=args.iters, initial=step, desc='train', disable=not is_main(), dynamic_ncols=True)
+    phase = f' phase {args.phase}' if args.phase else ''
+    bar = tqdm(total=args.stop_at, initial=step, desc=f'train{phase}', disable=not is_main(), dynamic_ncols=True)
     start_step, train_time, t0 = step, 0.0, time.time()  # it/s: this run's steps, no evaluation
     for images, labels in lockstep(loader, device):
-        if step >= args.iters:
+        if step >= args.stop_at:
             break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        vocab = vocabulary_at(step, args)
-        losses = train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text[vocab],
-                            luts[vocab], unseen_ids if vocab == 'all' else [], step, args.micro_batch)
+        losses = train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text, luts,
+                            unseen_ids, step, args.micro_batch)
         step += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == args.iters:
+        if step % args.log_every == 0 or step == args.stop_at:
             log_losses(losses, step, scheduler.get_last_lr()[0], (step - start_step) / (train_time + time.time() - t0),
                        bar, log)
-        if step % args.eval_every == 0 or step == args.iters:
+        if step % args.eval_every == 0 or step == args.stop_at:
             train_time += time.time() - t0
             metrics, best = evaluate_and_save(args, step, best, metrics, val_set, run_eval, state, out_dir, log)
             t0 = time.time()
@@ -367,19 +408,22 @@ def train(args):
         write_json({k: v for k, v in metrics.items() if k != 'confusion'} | {'step': step}, out_dir / 'metrics.json')
         print(f'checkpoints and metrics.json in {out_dir}')
     if world > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # phase 2 reads phase 1's last.pt: every rank waits for rank 0 to have written it
     return metrics
 
 
 def setup_process(args):
-    """torchrun's process group, CPU threads, the toy world (rank 0 makes it), seeds, --out-dir.
-    Returns (rank, world size, device)."""
+    """torchrun's process group (every job's batch must divide over it), CPU threads, the toy world
+    (rank 0 makes it). Returns (rank, world size, device)."""
     rank, world, device = setup_distributed()
-    if args.batch_size % world:
-        raise SystemExit(f'--batch-size {args.batch_size} does not divide over {world} processes')
-    if args.micro_batch and (args.batch_size // world) % args.micro_batch:
-        raise SystemExit(f'--micro-batch {args.micro_batch} does not divide the {args.batch_size // world} images '
-                         f'of each of the {world} processes')
+    batches = {'--batch-size': args.batch_size} | ({'--phase2-batch-size': args.phase2_batch_size}
+                                                    if args.setting == 'transductive' else {})
+    for flag, batch in batches.items():
+        if batch % world:
+            raise SystemExit(f'{flag} {batch} does not divide over {world} processes')
+        if args.micro_batch and (batch // world) % args.micro_batch:
+            raise SystemExit(f'--micro-batch {args.micro_batch} does not divide the {batch // world} images '
+                             f'({flag}) of each of the {world} processes')
     if device.type == 'cuda':  # fp32 matmuls and convolutions in TF32, as the authors' torch 1.10 ran them
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == 'cpu' and args.threads:
@@ -389,11 +433,6 @@ def setup_process(args):
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cpu_threads(args.workers))
     args.pretrained = args.pretrained or 'openai'
-    random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    if is_main():
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        record_recipe(args, world)
     return rank, world, device
 
 
@@ -407,7 +446,9 @@ def record_recipe(args, world):
                 'precision': 'fp32' if args.amp == 'off' else f'{args.amp} autocast', 'photometric': args.photometric,
                 'torch': torch.__version__, 'open_clip': open_clip.__version__}
     write_json({'args': vars(args), 'resolved': resolved}, Path(args.out_dir) / 'config.json')
-    print(f"{args.dataset} {args.setting}: {args.iters} steps of {args.batch_size} images ({world} x {per_rank}, "
+    steps = f'{args.stop_at} of {args.iters}' if args.stop_at != args.iters else f'{args.iters}'
+    phase = f' (phase {args.phase})' if args.phase else ''
+    print(f"{args.dataset} {args.setting}{phase}: {steps} steps of {args.batch_size} images ({world} x {per_rank}, "
           f"micro-batch {micro}), lr {args.lr:g}, {resolved['precision']}, {args.normalize} mean/std, "
           f"photometric {args.photometric}; config.json in {args.out_dir}")
 
@@ -522,7 +563,7 @@ def make_eval_and_state(args, cfg, clip_state, model, criterion, optimizer, sche
 def train_step(ddp, criterion, optimizer, scaler, scheduler, amp, images, labels, text, luts, unseen_ids, step,
                micro_batch=None):
     """One optimiser step on a batch in the step's vocabulary (its text embeddings and label LUTs);
-    unseen_ids: where the transductive second half pseudo-labels the unseen pixels (else []).
+    unseen_ids: where the transductive phase 2 pseudo-labels the unseen pixels (else []).
     micro_batch: forward and backward this many images at a time, gradients accumulated (synced
     across ranks on the last), the summed loss divided once by the whole batch's mask count: the
     same gradient as one pass. Returns the loss terms; a non-finite one stops the run."""

@@ -220,7 +220,6 @@ def test_trusty_map_accuracy_counts_pixels():
     assert math.isclose(m['A-right(S)'], 100 * right[True][0] / right[True][1], rel_tol=1e-9)
     assert math.isclose(m['A-right(U)'], 100 * right[False][0] / right[False][1], rel_tol=1e-9)
     model.trusty_token = None  # no trusty channel: no trusty-map columns
-    model.trusty_learner = None
     assert 'A-right(S)' not in evaluate(model, data, NAMES, SEEN, crop=64, stride=48, progress=False)['summary']
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import build_model, load_clip
+from checkpoint import build_model, load_clip, load_model, make_checkpoint, read_checkpoint
 import model as model_py
 from model import TEMPLATES, ATMLayer, TagCLIPConfig, TrustyLearner, fused_attention_block, trusty_scores, vit_block
 
@@ -17,7 +17,7 @@ from model import TEMPLATES, ATMLayer, TagCLIPConfig, TrustyLearner, fused_atten
 @pytest.mark.parametrize('size', [(64, 64), (64, 96)])
 def test_shapes(tiny_cfg, trusty, size):
     torch.manual_seed(0)
-    model = build_model(replace(tiny_cfg, trusty=trusty)).eval()
+    model = build_model(replace(tiny_cfg, trusty=trusty, trusty_learner=trusty)).eval()
     text = model.encode_text(['cat', 'dog', 'red car'])
     assert text.shape == (3, 32) and torch.allclose(text.norm(dim=-1), torch.ones(3))
     out = model(torch.randn(2, 3, *size), text)
@@ -30,6 +30,24 @@ def test_shapes(tiny_cfg, trusty, size):
 def test_no_trusty_learner_keeps_token(tiny_cfg):
     model = build_model(replace(tiny_cfg, trusty_learner=False))
     assert model.trusty_token is not None and model.trusty_learner is None
+
+
+def test_self_attention_without_token(tiny_cfg):
+    """The authors' VOC transductive phase 2: no trusty token, self-attention across the C class queries."""
+    model = build_model(replace(tiny_cfg, trusty=False)).eval()
+    assert model.trusty_token is None and model.trusty_learner is not None
+    text = model.encode_text(['cat', 'dog', 'red car'])
+    assert model(torch.randn(1, 3, 64, 64), text)['pred_masks'].shape == (1, 3, 4, 4)
+
+
+def test_checkpoint_from_before_the_learner_without_token(tiny_cfg, tmp_path):
+    """A checkpoint saved when trusty=False implied no Trusty Learner still loads as ZegCLIP."""
+    zeg = build_model(replace(tiny_cfg, trusty=False, trusty_learner=False))
+    ckpt = make_checkpoint(zeg, {}, 'inductive', 'unseen', {}, store_clip=True)
+    ckpt['config']['trusty_learner'] = True  # as such checkpoints recorded it
+    torch.save(ckpt, tmp_path / 'old.pt')
+    model = load_model(read_checkpoint(tmp_path / 'old.pt'))
+    assert model.trusty_learner is None and model.trusty_token is None
 
 
 def test_template_ensemble_is_normalised_mean(tiny_cfg):
@@ -197,7 +215,7 @@ def test_trainable_state_dict_roundtrip(tiny_cfg):
     b.load_trainable_state_dict(state)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in state.items())
     with pytest.raises(ValueError, match='does not match'):
-        build_model(replace(tiny_cfg, trusty=False)).load_trainable_state_dict(state)
+        build_model(replace(tiny_cfg, trusty=False, trusty_learner=False)).load_trainable_state_dict(state)
 
 
 def test_openai_torchscript_file_loads(tiny_clip, tmp_path):

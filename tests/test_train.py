@@ -1,4 +1,4 @@
-"""train.py: overfitting, exact resume, DDP gradient averaging, transductive switch, bad input."""
+"""train.py: overfitting, exact resume, DDP gradient averaging, the transductive jobs, bad input."""
 
 import json
 import math
@@ -173,12 +173,62 @@ def test_two_ranks_equal_one_with_double_batch(world, tmp_path, monkeypatch):
     assert not torch.allclose(before.prompts, a['prompts'], atol=1e-3)  # training did move the weights
 
 
-def test_transductive_switch_and_pseudo_labels(world, tmp_path, monkeypatch):
+def test_transductive_is_two_jobs(world, tmp_path, monkeypatch):
+    """Phase 1 (seen vocabulary) to half of --iters on its poly schedule, then phase 2 (every class,
+    a fresh warm-up) from phase 1's last.pt: equal to phase 2 started alone with --init-from, and to
+    runs killed at the phase boundary or inside phase 2 and resumed with --resume auto."""
     vocab_sizes = []
     forward = TagCLIPLoss.forward
     monkeypatch.setattr(TagCLIPLoss, 'forward', lambda self, out, *a: vocab_sizes.append(out['pred_masks'].shape[1]) or forward(self, out, *a))
-    train.main(argv(world, tmp_path / 't', '--setting', 'transductive', '--iters', '4', '--no-eval', '--trusty', 'on'))
-    assert vocab_sizes == [20 + 1] * 2 + [26 + 1] * 2  # 20 seen classes (background too) first, all 26 from step iters/2
+    run = lambda out, *extra: train.main(argv(world, tmp_path / out, '--setting', 'transductive', '--iters', '8',
+                                              '--eval-every', '2', '--no-eval', '--batch-size', '2', *extra))
+    run('t', '--phase2-batch-size', '1')
+    assert vocab_sizes == [20 + 1] * 4 + [26 + 1] * 4  # 20 seen classes (background too), then all 26
+    logs = [[json.loads(line) for line in (tmp_path / 't' / p / 'log.jsonl').read_text().splitlines()] for p in ('phase1', 'phase2')]
+    assert [r['step'] for r in logs[0]] == [1, 2, 3, 4] and [r['step'] for r in logs[1]] == [1, 2, 3, 4]
+    args = train.get_args(argv(world, 'x', '--iters', '8', '--batch-size', '2'))
+    assert logs[0][-1]['lr'] == pytest.approx(args.lr * train.lr_lambda(args)(4))  # half-way down an 8-step poly
+    args.iters = 4
+    assert logs[1][0]['lr'] == pytest.approx(args.lr * train.lr_lambda(args)(1))  # the warm-up again, over 4 steps
+    first, second = (torch.load(tmp_path / 't' / p / 'last.pt', weights_only=True) for p in ('phase1', 'phase2'))
+    assert (first['setting'], first['step'], second['setting'], second['step']) == ('inductive', 4, 'transductive', 4)
+    assert json.loads((tmp_path / 't' / 'phase2' / 'config.json').read_text())['args']['batch_size'] == 1
+
+    run('alone', '--phase2-batch-size', '1', '--init-from', str(tmp_path / 't' / 'phase1' / 'last.pt'))
+    assert not (tmp_path / 'alone' / 'phase1').exists()
+    b = final_weights(tmp_path / 'alone' / 'phase2')
+    assert all(torch.equal(second['model'][k], b[k]) for k in b)
+
+    save = train.save_checkpoint
+    for phase, at in ((1, 4), (2, 2)):
+        def save_then_die(path, ckpt):  # killed right after this checkpoint
+            save(path, ckpt)
+            if (ckpt['args']['phase'], ckpt['step']) == (phase, at) and Path(path).name == 'last.pt':
+                raise KeyboardInterrupt
+        monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run(f'broken{phase}', '--phase2-batch-size', '1')
+        monkeypatch.setattr(train, 'save_checkpoint', save)
+        run(f'broken{phase}', '--phase2-batch-size', '1', '--resume', 'auto')
+        b = final_weights(tmp_path / f'broken{phase}' / 'phase2')
+        assert all(torch.equal(second['model'][k], b[k]) for k in b), phase
+        log = (tmp_path / f'broken{phase}' / 'phase2' / 'log.jsonl').read_text().splitlines()
+        assert [json.loads(line)['step'] for line in log] == [1, 2, 3, 4]
+
+
+def test_transductive_phases_follow_the_authors():
+    """VOC: token on, then off with the self-attention kept; COCO-Stuff: token on, phase 2 at batch 8."""
+    voc = train.jobs(train.get_args(['--dataset', 'voc', '--data-root', 'x', '--setting', 'transductive']))
+    coco = train.jobs(train.get_args(['--dataset', 'coco_stuff', '--data-root', 'x', '--setting', 'transductive']))
+    assert [(j.setting, j.trusty, j.iters, j.stop_at, j.batch_size) for j in voc] == \
+        [('inductive', 'on', 20000, 10000, 16), ('transductive', 'no-token', 10000, 10000, 16)]
+    assert [(j.setting, j.trusty, j.iters, j.stop_at, j.batch_size) for j in coco] == \
+        [('inductive', 'on', 80000, 40000, 16), ('transductive', 'on', 40000, 40000, 8)]
+    cfg = train.model_config(voc[1])
+    assert not cfg.trusty and cfg.trusty_learner and voc[1].weight_focal == 20
+    zeg = train.model_config(train.get_args(['--dataset', 'voc', '--data-root', 'x', '--no-trusty']))
+    assert not zeg.trusty and not zeg.trusty_learner
+
 
     logits = torch.zeros(1, 4, 1, 3)
     logits[0, 1, 0, :] = torch.tensor([5.0, -5.0, 5.0])   # unseen class 1
