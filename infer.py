@@ -386,7 +386,8 @@ def main(argv=None):
         device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
         model = load_model(ckpt, args.pretrained).to(device).eval()
         amp = inference_amp(args.amp, device, model)
-        text = class_text(model, names, run.templates, args.text_precision, args.text_embeddings)  # (C, d)
+        text = class_text(model, names, run.templates, args.text_precision, args.text_embeddings,
+                          args.text_cache)  # (C, d)
         seen = torch.tensor([v['seen'] for v in vocabulary], device=device)
         channels, colours = len(names) + bool(ckpt['config']['trusty']), palette(names)
 

@@ -16,9 +16,12 @@ hIoU = 2 S U / (S + U), pAcc, mAcc. A class absent from both the labels and the 
 IoU (NaN) and is left out of every mean, as mmsegmentation does.
 """
 
+import hashlib
+import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IGNORE_INDEX, RESIZES
+from data import RESIZES
 from model import TEMPLATES, seen_probability, trusty_scores
-from runtime import lockstep, rank_world
+from runtime import atomic_write, lockstep, rank_world
 
 STRIDE = 426 / 512   # window stride as a fraction of the window (mmseg's 426 for 512)
 CALIBRATION = 0.1    # subtracted from the seen scores in inductive evaluation on the training dataset
@@ -63,6 +66,8 @@ def add_arguments(p):
                    help="text tower precision; fp16: as the authors' precomputed embeddings")
     t.add_argument('--text-embeddings', default=None, metavar='FILE.npy',
                    help="(C, d) text embeddings, one row per class in the order of the class list (e.g. the authors' files)")
+    p.add_argument('--text-cache', default='~/.cache/tagclip/text', metavar='DIR',
+                   help="keep computed text embeddings here, keyed by text tower weights, templates and names ('' : off)")
     p.add_argument('--calibration', type=float, default=None,
                    help=f'subtracted from the seen scores (default: {CALIBRATION} for inductive evaluation on the '
                         'training dataset, else 0)')
@@ -137,12 +142,42 @@ def load_text_embeddings(path, class_names, dim: int):
     return emb
 
 
-def class_text(model, class_names, templates=None, precision='fp32', path=None):
+def text_cache_key(model, class_names, templates, precision) -> str:
+    """What text embeddings depend on: the frozen text tower's weights, the prompts, the precision."""
+    h = hashlib.sha256(json.dumps([model.cfg.clip_model, list(TEMPLATES[templates or model.cfg.templates]),
+                                   list(class_names), precision]).encode())
+    for k, v in model.clip.state_dict().items():
+        if not k.startswith('visual.'):
+            h.update(k.encode())
+            h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def class_text(model, class_names, templates=None, precision='fp32', path=None, cache=None):
     """(C, d) text embeddings T: read from the .npy at `path`, or computed by the frozen text tower
-    in `precision` ('fp32', or 'fp16' as the authors' precomputed files; DESIGN §1, §15)."""
-    if path is None:
-        return model.encode_text(class_names, templates, precision=precision)
-    return load_text_embeddings(path, class_names, model.descriptor.out_features).to(model.prompts.device)
+    in `precision` ('fp32', or 'fp16' as the authors' precomputed files; DESIGN §1, §15). cache: a
+    folder where computed embeddings are kept as <text_cache_key>.npy and found again (rank 0 writes)."""
+    device = model.prompts.device
+    if path is not None:
+        return load_text_embeddings(path, class_names, model.descriptor.out_features).to(device)
+    file = Path(cache).expanduser() / f'{text_cache_key(model, class_names, templates, precision)}.npy' if cache else None
+    if file is not None and file.is_file():
+        try:
+            emb = np.load(file, allow_pickle=False)
+            if emb.shape == (len(class_names), model.descriptor.out_features):
+                return torch.from_numpy(emb).to(device)
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable: computed again and rewritten
+    emb = model.encode_text(class_names, templates, precision=precision)  # (C, d)
+    if file is not None and rank_world()[0] == 0:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        array = emb.cpu().numpy()
+
+        def write(tmp):
+            with open(tmp, 'wb') as f:
+                np.save(f, array)
+        atomic_write(file, write)
+    return emb
 
 
 # ----------------------------------------------------------------------------- windows and Eq. 12
@@ -287,8 +322,9 @@ def upsample_argmax(scores, C: int, size, budget: int = TILE_BYTES):
 # ----------------------------------------------------------------------------- metrics
 
 def confusion_matrix(pred, label, num_classes: int):
-    """(C, C) counts, rows = ground truth, columns = prediction; label-255 pixels are skipped."""
-    keep = label != IGNORE_INDEX
+    """(C, C) counts, rows = ground truth, columns = prediction; ignored pixels (label >= C: 255, or
+    65535 for 16-bit datasets) are skipped."""
+    keep = label < num_classes
     idx = label[keep].long() * num_classes + pred[keep].long()
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
@@ -343,7 +379,7 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
         del scores
         conf += confusion_matrix(pred, label, C)
         if A is not None:  # the trusty map A: is it right about which pixels are seen?
-            keep = label != IGNORE_INDEX
+            keep = label < C
             trusty += confusion_matrix(A[keep] > 0.5, seen[label[keep]], 2)
     if world > 1:
         dist.all_reduce(conf)

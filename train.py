@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import toy
 from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
-from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, eval_transform, train_transform
+from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, dataset_info, eval_transform, train_transform
 from inference import CALIBRATION, amp_dtype, default_stride, eval_loader, evaluate, format_table
 from losses import TagCLIPLoss
 from model import TagCLIPConfig
@@ -74,7 +74,7 @@ def get_args(argv=None):
     a = p.add_argument_group('data').add_argument
     a('--dataset', default='toy', choices=sorted(DATASETS),
       help="data.py's DATASETS entry: classes, zero-shot split, folder layout, recipe")
-    a('--data-root', help='dataset folder in the mmseg layout; the toy world is generated there '
+    a('--data-root', help="dataset folder in the dataset's layout (README); the toy world is generated there "
                           + shown_default('data_root', none='required'))
     a('--setting', default='inductive', choices=['inductive', 'transductive', 'fully'],
       help='inductive: zero-shot, unseen pixels ignored; transductive: phase 1 the inductive model for half of '
@@ -222,7 +222,10 @@ class SeededSamples(torch.utils.data.Dataset):
 
 def class_split(args):
     """(training dataset's class names, unseen names) for the setting; fully supervised: none unseen."""
-    info = DATASETS[args.dataset]
+    info = dataset_info(args.dataset, args.data_root)  # a folder dataset: its classes.txt and unseen.txt
+    if len(info.classes) >= IGNORE_INDEX:
+        raise DatasetError(f'{args.data_root}: {len(info.classes)} classes; training takes fewer than {IGNORE_INDEX} '
+                           f'(label {IGNORE_INDEX} is ignore)')
     return list(info.classes), ([] if args.setting == 'fully' else list(info.unseen))
 
 
@@ -476,7 +479,7 @@ def open_datasets(args):
     before any long work."""
     try:
         train_set = build_dataset(args.dataset, args.data_root, 'train')
-        train_set.check_files()
+        train_set.check_files(sizes=args.dataset == 'folder')  # a folder of one's own: label sizes too
         val_set, error = None if args.no_eval else build_dataset(args.dataset, args.data_root, 'val'), None
     except DatasetError as e:
         error = str(e)
