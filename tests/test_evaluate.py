@@ -15,7 +15,7 @@ from checkpoint import build_model
 import inference
 from inference import (class_text, compute_metrics, confusion_matrix, evaluate, load_text_embeddings,
                        slide_inference, upsample_argmax, upsampled, window_grid, window_scores)
-from model import TagCLIPConfig
+from model import TagCLIPConfig, seen_probability, trusty_scores
 from runtime import cpu_threads
 from tests.conftest import TINY_CLIP
 
@@ -98,6 +98,20 @@ def stacked_slide(model, image, text, seen, crop, stride, chunk=16, **kw):
         total[:, y1:y2, x1:x2] += s
         count[:, y1:y2, x1:x2] += 1
     return total / count
+
+
+@pytest.mark.parametrize('weighting', [True, False])
+def test_window_scores_in_place_equal_trusty_scores(weighting):
+    """Eq. 12 in place, a block of classes at a time, gives model.trusty_scores' numbers bit for bit."""
+    torch.manual_seed(0)
+    model, C = make_model(), 150  # three class blocks
+    text, seen = F.normalize(torch.randn(C, 32), dim=-1), torch.rand(C) < 0.7
+    windows = torch.randn(2, 3, 64, 56)
+    got = window_scores(model, windows, text, seen, calibration=0.1, trusty_weighting=weighting)
+    logits = F.interpolate(model(F.pad(windows, (0, 8, 0, 0)), text)['pred_masks'], size=(64, 64), mode='bilinear')
+    logits = logits[..., :64, :56]
+    want = torch.cat([trusty_scores(logits, seen, 0.1, weighting), seen_probability(logits[:, C:])], 1)
+    assert got.shape == (2, C + 1, 64, 56) and torch.equal(got, want)
 
 
 def test_running_sum_equals_stacked_windows(monkeypatch):
