@@ -47,6 +47,8 @@ def evaluate_checkpoint(checkpoint, device=None, progress=True, **flags):
     vars(args).update(flags)
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     ckpt = read_checkpoint(args.checkpoint, needs=INFERENCE_KEYS)
+    if args.suite is not None and args.data_root is None:
+        raise SystemExit('error: --suite needs --data-root, the folder that holds the benchmarks')
     data_root = args.data_root or ckpt.get('args', {}).get('data_root')
     if data_root is None:
         raise SystemExit(f'error: {args.checkpoint} names no dataset folder: pass --data-root')
