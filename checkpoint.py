@@ -31,10 +31,10 @@ from runtime import atomic_write
 # what evaluate.py and infer.py need from a checkpoint
 INFERENCE_KEYS = ('config', 'model', 'classes', 'setting', 'polarity')
 
-# the config fields that reproduce the authors' forward (TagCLIPConfig says what each does): convert.py
-# turns them all on; train.py sets the last two from --normalize and --amp, and a --resume or
-# --init-from keeps the checkpoint's first two (the weights were trained with them)
-QUIRKS = ('double_cls_embedding', 'pos_table_grid', 'imagenet_mean_std', 'fp32_inference')
+# of the four config fields that reproduce the authors' forward (TagCLIPConfig says what each does; convert.py
+# turns them all on), the two of the architecture: a --resume or --init-from keeps the checkpoint's (its
+# weights were trained with them), while train.py sets the other two from --normalize and --amp
+ARCHITECTURE_QUIRKS = ('double_cls_embedding', 'pos_table_grid')
 
 # what torch.load(weights_only=True) raises on a file that is not a readable checkpoint (torch 2.x)
 LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, struct.error, OSError)

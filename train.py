@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import toy
-from checkpoint import QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from checkpoint import ARCHITECTURE_QUIRKS, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from data import DATASETS, IGNORE_INDEX, DatasetError, build_dataset, dataset_info, eval_transform, train_transform
 from inference import CALIBRATION, amp_dtype, default_stride, eval_loader, evaluate, format_table
 from losses import TagCLIPLoss
@@ -305,7 +305,7 @@ def load_checkpoint(path, cfg, resume: bool):
     """Loads `path` (one-line error if it is not a checkpoint) and checks it was made for the same model
     config; the authors' quirk fields and a stored CLIP come from the checkpoint. Returns (ckpt, cfg)."""
     ckpt = read_checkpoint(path)
-    cfg = replace(cfg, **{k: ckpt['config'][k] for k in QUIRKS[:2] if k in ckpt['config']})
+    cfg = replace(cfg, **{k: ckpt['config'][k] for k in ARCHITECTURE_QUIRKS if k in ckpt['config']})
     free = {'pretrained', 'fp32_inference'} | (set() if resume else {'trusty', 'trusty_learner', 'prompt_dropout',
                                                                        'dropout', 'templates', 'imagenet_mean_std'})
     theirs = {k: v for k, v in ckpt['config'].items() if k not in free}

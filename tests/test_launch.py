@@ -140,4 +140,4 @@ def test_two_nodes_of_one_process(setup, tmp_path):
     runs = launch('--resume', 'auto')  # last.pt is on global rank 0's disk only
     assert [p.returncode for p, _, _ in runs] == [1, 1]
     lines = [l for _, _, err in runs for l in err.splitlines() if l.startswith('error')]
-    assert lines == [f"error: run/last.pt: found by ranks [0] only; --out-dir must be on storage that every node shares"]
+    assert lines == ["error: run/last.pt: found by ranks [0] only; --out-dir must be on storage that every node shares"]
