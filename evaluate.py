@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import INFERENCE_KEYS, load_model, read_checkpoint
-from data import DATASETS, SUITE, DatasetError, build_dataset, dataset_info, eval_transform
+from data import DATASETS, SUITE, DatasetError, build_dataset, dataset_info
 from inference import Settings, add_arguments, class_text, evaluate, format_table, inference_amp
 from runtime import HelpFormatter, agreed_exit, first_error, setup_distributed, write_json
+from transforms import eval_transform
 
 
 def get_parser():

@@ -36,9 +36,10 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from checkpoint import INFERENCE_KEYS, load_model, read_checkpoint
-from data import DATASETS, eval_transform, mmseg_test_size
+from data import DATASETS
 from inference import Settings, add_arguments, class_text, image_scores, inference_amp, upsample_argmax
 from runtime import HelpFormatter, atomic_write
+from transforms import eval_transform, mmseg_test_size
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
@@ -179,7 +180,7 @@ def load_rgb(path, max_pixels=None, downscale=False):
 
 
 def inference_size(H: int, W: int, short: int, resize: str):
-    """(h', w'): the size eval_transform resizes an H x W image to (data.resize_short)."""
+    """(h', w'): the size eval_transform resizes an H x W image to (transforms.resize_short)."""
     if resize == 'mmseg':
         return mmseg_test_size(H, W, short)
     return (short, int(short * W / H)) if H <= W else (int(short * H / W), short)  # torchvision's rule

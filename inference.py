@@ -29,9 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import RESIZES
 from model import TEMPLATES, seen_probability
 from runtime import atomic_write, lockstep, rank_world
+from transforms import RESIZES
 
 STRIDE = 426 / 512   # window stride as a fraction of the window (mmseg's 426 for 512)
 CALIBRATION = 0.1    # subtracted from the seen scores in inductive evaluation on the training dataset

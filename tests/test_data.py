@@ -9,9 +9,9 @@ from PIL import Image
 from torchvision import tv_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DATASETS, TOY_CLASSES, DatasetError, PhotoMetricDistortion, RandomRescale,  # noqa: E402
-                  build_dataset, eval_transform, keep_ratio_size, mmseg_test_size, resize_bilinear, resize_short,
-                  rgb_to_hsv_cv, train_transform)
+from data import DATASETS, TOY_CLASSES, DatasetError, build_dataset  # noqa: E402
+from transforms import (PhotoMetricDistortion, RandomRescale, eval_transform, keep_ratio_size,  # noqa: E402
+                        mmseg_test_size, resize_bilinear, resize_short, rgb_to_hsv_cv, train_transform)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 H, W = 6, 8

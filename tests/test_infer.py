@@ -19,7 +19,7 @@ import train
 from torchvision import tv_tensors
 
 from checkpoint import load_model
-from data import eval_transform
+from transforms import eval_transform
 from inference import image_scores, predict
 from tests.conftest import TINY_CLIP
 from toy import generate_world
