@@ -154,8 +154,8 @@ def apply_defaults(args):
 
 
 def model_config(args):
-    """TagCLIPConfig from the flags of the same names; --trusty on/off, --no-trusty-learner and
-    --pretrained 'none' translated."""
+    """TagCLIPConfig from the flags of the same names; --trusty (on: token and Trusty Learner; no-token:
+    the self-attention only; off: neither), --no-trusty-learner and --pretrained 'none' translated."""
     kw = {f.name: getattr(args, f.name) for f in fields(TagCLIPConfig) if hasattr(args, f.name)}
     kw.update(pretrained=None if args.pretrained == 'none' else args.pretrained, trusty=args.trusty == 'on',
               trusty_learner=args.trusty in ('on', 'no-token') and not args.no_trusty_learner,
