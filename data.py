@@ -76,7 +76,7 @@ _COCO_RAW_IDS = tuple(i for i in range(182) if i not in _COCO_UNUSED_IDS)
 assert len(_COCO_RAW_IDS) == len(COCO_STUFF_CLASSES)
 
 # -----------------------------------------------------------------------------
-# readers for the mmseg layouts
+# readers, one per folder layout
 
 
 class DatasetError(ValueError):
@@ -99,7 +99,7 @@ class DatasetError(ValueError):
 def _need(path, layout):
     """Return path if it exists, else raise DatasetError naming it and the expected layout."""
     if not path.exists():
-        raise DatasetError(f'expected {path} (mmseg layout: {layout})')
+        raise DatasetError(f'{path}: not found (expected layout: {layout})')
     return path
 
 
@@ -107,12 +107,12 @@ def _find_root(root, marker, subdirs, layout):
     """The first of root, root/subdir... that contains `marker` (e.g. VOCdevkit parent auto-detect)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError(f'{root}: dataset root not found (mmseg layout: {layout})')
+        raise DatasetError(f'{root}: dataset root not found (expected layout: {layout})')
     for cand in [root] + [root / s for s in subdirs]:
         if (cand / marker).is_dir():
             return cand
     where = f" nor under {', '.join(f'{s}/' for s in subdirs)}" if subdirs else ''
-    raise DatasetError(f'{root}: no {marker}/ folder there{where} (mmseg layout: {layout})')
+    raise DatasetError(f'{root}: no {marker}/ folder there{where} (expected layout: {layout})')
 
 
 def _read_ids(path, layout):
@@ -293,6 +293,7 @@ class DatasetInfo:
     eval_short: int           # eval: resize the short side to this
     templates: str            # 'single' or 'ensemble' prompt templates (DESIGN §1)
     prompt_names: tuple[str, ...] = ()  # the names the text prompts use, if not `classes`
+    prompt_class: tuple[int, ...] = ()  # the class each of prompt_names counts as, if not one each
     n_prompts: int            # deep visual prompts per layer (DESIGN §2)
     iters: int                # default train iterations
     recipe: dict = field(default_factory=dict)  # train.py defaults that differ from recipe.RECIPE
@@ -321,7 +322,10 @@ DATASETS = {d.name: d for d in (
     DatasetInfo(name='voc20', classes=VOC_CLASSES, unseen=(), n_classes=20,
                 layout='VOCdevkit/VOC2012/{JPEGImages,annotations_detectron2/val} or the voc layout',
                 reader=_read_voc, **_BENCHMARK),
+    # CAT-Seg's PAS-20b: 39 more Context names stand for background (class 20) instead of 'background'
     DatasetInfo(name='voc20b', classes=VOC_CLASSES + ('background',), unseen=(), n_classes=21,
+                prompt_names=VOC_CLASSES + tuple(CLASS_NAMES['voc20b_background']),
+                prompt_class=tuple(range(20)) + (20,) * len(CLASS_NAMES['voc20b_background']),
                 layout='VOCdevkit/VOC2012/{JPEGImages,annotations_detectron2_bg/val} or the voc layout',
                 reader=partial(_read_voc, background=True), **_BENCHMARK),
     DatasetInfo(name='ade150', classes=tuple(CLASS_NAMES['ade150']), unseen=(), n_classes=150,
@@ -364,7 +368,7 @@ def _check_class_lists():
     for name, info in DATASETS.items():
         assert len(info.classes) == len(set(info.classes)) == info.n_classes, name
         assert set(info.unseen) <= set(info.classes), (name, set(info.unseen) - set(info.classes))
-        assert not info.prompt_names or len(info.prompt_names) == len(info.classes), name
+        assert len(info.prompt_names) == (len(info.prompt_class) or len(info.classes)) or not info.prompt_names, name
     seen = [c.split() for c in TOY_CLASSES if c not in TOY_UNSEEN]
     assert all(sum(w in c for c in seen) >= 3 for w in TOY_COLOURS + TOY_PATTERNS)
     assert sorted(sum(u.startswith(c + ' ') for u in TOY_UNSEEN) for c in TOY_COLOURS) == [1, 1, 1, 1, 2]

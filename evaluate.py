@@ -100,7 +100,7 @@ def evaluate_dataset(args, ckpt, model, name, data_root, device, progress, suite
     text = class_text(model, info.prompt_names or info.classes, settings.templates, args.text_precision,
                       args.text_embeddings, args.text_cache)
     return evaluate(model, data, info.classes, seen, workers=args.workers, progress=progress, text=text,
-                    amp=inference_amp(args.amp, device, model), **settings.predict_kwargs())
+                    prompt_class=info.prompt_class or None, amp=inference_amp(args.amp, device, model), **settings.predict_kwargs())
 
 
 def format_suite(results) -> str:

@@ -367,15 +367,21 @@ def eval_loader(dataset, workers=0, persistent=False):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, text=None, **kw):
+def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progress=True, text=None,
+             prompt_class=None, **kw):
     """Confusion matrix over the whole `dataset` (or an `eval_loader` of it), all-reduced; the text is
     embedded once (or given: `text` (C, d)). kw: `predict`'s. Scores are resized to the labels' size and
-    reduced to labels piece by piece (upsample_argmax), never C x H x W at once. Returns compute_metrics(...) + 'confusion'."""
+    reduced to labels piece by piece (upsample_argmax), never C x H x W at once. prompt_class: with
+    `text` (P, d) of P prompts, the class each one's prediction counts as (e.g. extra names that stand
+    for background). Returns compute_metrics(...) + 'confusion'."""
     model.eval()
     rank, world = rank_world()
     device = next(model.parameters()).device
     text = model.encode_text(class_names, templates) if text is None else text  # (C, d), once per evaluation
     seen = torch.as_tensor(seen, dtype=torch.bool, device=device)
+    if prompt_class is not None:
+        prompt_class = torch.as_tensor(prompt_class, device=device)                    # (P,) class of each prompt
+    prompt_seen = seen if prompt_class is None else seen[prompt_class]                  # (P,)
     loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else eval_loader(dataset, workers)
     C = len(class_names)
     conf = torch.zeros(C, C, dtype=torch.long, device=device)
@@ -383,9 +389,11 @@ def evaluate(model, dataset, class_names, seen, templates=None, workers=0, progr
     for sample in tqdm(lockstep(loader, device), desc='eval', total=len(loader),
                        disable=not (progress and rank == 0), dynamic_ncols=True):
         label = sample['label'].to(device)                                    # (H, W)
-        scores = image_scores(model, sample['image'], text, seen, **kw)       # (C[+1], h, w)
-        pred, A = upsample_argmax(scores, C, label.shape[-2:])                # (H, W), tile by tile
+        scores = image_scores(model, sample['image'], text, prompt_seen, **kw)  # (P[+1], h, w), P = C by default
+        pred, A = upsample_argmax(scores, len(prompt_seen), label.shape[-2:])  # (H, W), tile by tile
         del scores
+        if prompt_class is not None:
+            pred = prompt_class[pred.long()]  # (a uint8 index would read as a mask)
         conf += confusion_matrix(pred, label, C)
         if A is not None:  # the trusty map A: is it right about which pixels are seen?
             keep = label < C

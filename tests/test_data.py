@@ -167,7 +167,7 @@ def test_missing_root_and_split_file(voc, tmp_path):
     _error(lambda: build_dataset('voc', tmp_path / 'nowhere', 'val'), tmp_path / 'nowhere')
     _error(lambda: build_dataset('voc', tmp_path / 'VOCdevkit/VOC2012/JPEGImages', 'val'), 'VOC2012')
     (voc / 'ImageSets/Segmentation/val.txt').unlink()
-    _error(lambda: build_dataset('voc', voc, 'val'), voc / 'ImageSets/Segmentation/val.txt', 'mmseg layout')
+    _error(lambda: build_dataset('voc', voc, 'val'), voc / 'ImageSets/Segmentation/val.txt', 'expected layout')
     _error(lambda: build_dataset('coco_stuff', tmp_path, 'val'), tmp_path, 'coco_stuff164k')
     _error(lambda: build_dataset('ade', tmp_path, 'val'), 'voc', 'coco_stuff', 'toy')
     _error(lambda: build_dataset('voc', voc, 'test'), 'test')

@@ -167,6 +167,22 @@ def test_tiled_upsample_argmax_equals_full(c, h, w, H, W):
     assert label.dtype == torch.uint8 and torch.equal(label.long(), expected) and torch.equal(A, expected_A)
 
 
+def test_extra_prompts_fold_into_their_class():
+    """prompt_class: a fourth prompt that counts as class 2 (as CAT-Seg's extra PAS-20b names count as
+    background) gives the 4-prompt confusion matrix with its column added to class 2's."""
+    model = make_model()
+    names = NAMES + ['grey thing']
+    text = model.encode_text(names)
+    four = evaluate(model, RandomSegSet(), names, SEEN + [True], text=text, crop=64, stride=48, progress=False)
+    folded = evaluate(model, RandomSegSet(), NAMES, SEEN, text=text, prompt_class=[0, 1, 2, 2], crop=64, stride=48,
+                      progress=False)
+    c = torch.tensor(four['confusion'])
+    want = c[:3, :3].clone()
+    want[:, 2] += c[:3, 3]
+    assert c[:, 3].sum() > 0 and c[3].sum() == 0  # the fourth prompt is predicted; no label is class 3
+    assert folded['confusion'] == want.tolist()
+
+
 def test_text_encoded_once_per_evaluation():
     model = make_model()
     calls = []
