@@ -53,14 +53,14 @@ def evaluate_checkpoint(checkpoint, device=None, progress=True, **flags):
     data_root = args.data_root or ckpt.get('args', {}).get('data_root')
     if data_root is None:
         raise SystemExit(f'error: {args.checkpoint} names no dataset folder: pass --data-root')
+    if args.suite is not None:
+        names = list(SUITE) if args.suite == 'all' else [s.strip() for s in args.suite.split(',') if s.strip()]
+        if unknown := [s for s in names if s not in SUITE]:
+            raise SystemExit(f"error: --suite: unknown benchmark {unknown[0]!r}; known: {', '.join(SUITE)}")
+    model = load_model(ckpt, args.pretrained).to(device)
     if args.suite is None:
-        model = load_model(ckpt, args.pretrained).to(device)
         return evaluate_dataset(args, ckpt, model, args.dataset or ckpt['classes']['dataset'], data_root, device,
                                 progress)
-    names = list(SUITE) if args.suite == 'all' else [s.strip() for s in args.suite.split(',') if s.strip()]
-    if unknown := [s for s in names if s not in SUITE]:
-        raise SystemExit(f"error: --suite: unknown benchmark {unknown[0]!r}; known: {', '.join(SUITE)}")
-    model = load_model(ckpt, args.pretrained).to(device)
     results = {}
     for name in names:
         try:
@@ -79,17 +79,10 @@ def evaluate_dataset(args, ckpt, model, name, data_root, device, progress, suite
     """The metrics of `model` on dataset `name` at data_root. DESIGN §7: the classes the checkpoint was
     trained on are seen (in the suite, every class of another dataset is unseen); calibration only for
     inductive evaluation on its training dataset, trusty weighting only on its training dataset."""
-    try:
-        info, error = dataset_info(name, data_root), None
-    except DatasetError as e:
-        info, error = None, str(e)
-    if (error := first_error(error)) is not None:
-        raise (NotThere if suite else DatasetError)(error)
-    trained_on = name == ckpt['classes']['dataset'] and list(info.classes) == list(ckpt['classes']['names'])
-    settings = Settings.resolve(args, info, ckpt['polarity'], trained_on, ckpt['setting'] == 'inductive')
-    trained = set(ckpt['classes']['seen']) if trained_on or not suite else set()
-    seen = [n in trained for n in info.classes]
-    try:
+    try:  # the classes (a folder's classes.txt), the image and label list: found by every rank, or stop
+        info = dataset_info(name, data_root)
+        trained_on = name == ckpt['classes']['dataset'] and list(info.classes) == list(ckpt['classes']['names'])
+        settings = Settings.resolve(args, info, ckpt['polarity'], trained_on, ckpt['setting'] == 'inductive')
         transform = eval_transform(model.mean, model.std, settings.short, settings.resize)
         data, error = build_dataset(name, data_root, args.split, transform), None
         data.check_files()
@@ -97,10 +90,13 @@ def evaluate_dataset(args, ckpt, model, name, data_root, device, progress, suite
         error = str(e)
     if (error := first_error(error)) is not None:
         raise (NotThere if suite else DatasetError)(error)
+    trained = set(ckpt['classes']['seen']) if trained_on or not suite else set()
+    seen = [n in trained for n in info.classes]
     text = class_text(model, info.prompt_names or info.classes, settings.templates, args.text_precision,
                       args.text_embeddings, args.text_cache)
     return evaluate(model, data, info.classes, seen, workers=args.workers, progress=progress, text=text,
-                    prompt_class=info.prompt_class or None, amp=inference_amp(args.amp, device, model), **settings.predict_kwargs())
+                    prompt_class=info.prompt_class or None, amp=inference_amp(args.amp, device, model),
+                    **settings.predict_kwargs())
 
 
 def format_suite(results) -> str:
